@@ -8,7 +8,6 @@
 // sees each byte once. The backward keeps grad_weight partial sums in registers: a thread always owns
 // the same columns, accumulates them over every row its group visits, and the block writes one partial
 // row; a second kernel sums the partial rows column-wise. No atomics anywhere.
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,6 +16,7 @@
 #include <cstdint>
 
 #include "common/dispatch.h"
+#include "cuda/device.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/vec.cuh"
 #include "ops.h"
@@ -27,10 +27,12 @@ namespace {
 // Rows up to this many elements get one warp each.
 constexpr int kWarpRowMaxHidden = 1024;
 constexpr int kWarpModeBlock = 256;  // 8 rows per block
-// grad_weight accumulators per thread in the backward (registers); bounds the hidden size to
-// 1024 threads * 32 = 32768.
+constexpr int kMaxForwardBlock = 1024;
+// The backward holds 32 grad_weight accumulators per thread in registers, which needs more than the 64
+// registers a 1024-thread block allows: its blocks stop at 512 threads, so hidden <= 512 * 32.
 constexpr int kMaxAccPerThread = 32;
-constexpr int kMaxHiddenBackward = 1024 * kMaxAccPerThread;
+constexpr int kMaxBackwardBlock = 512;
+constexpr int kMaxHiddenBackward = kMaxBackwardBlock * kMaxAccPerThread;
 
 struct LaunchShape {
   bool warp_per_row;
@@ -39,11 +41,11 @@ struct LaunchShape {
   int rows_per_block;
 };
 
-LaunchShape launch_shape(int64_t hidden) {
+LaunchShape launch_shape(int64_t hidden, int max_block) {
   if (hidden <= kWarpRowMaxHidden) return {true, kWarpModeBlock, 32, kWarpModeBlock / 32};
   // ~16 elements per thread: enough loads in flight per thread without idling lanes on short rows.
   int threads = static_cast<int>((hidden + 15) / 16);
-  threads = std::min(1024, std::max(64, (threads + 31) / 32 * 32));
+  threads = std::min(max_block, std::max(64, (threads + 31) / 32 * 32));
   return {false, threads, threads, 1};
 }
 
@@ -56,7 +58,7 @@ bool vectorizable(int64_t hidden, std::initializer_list<const T*> ptrs) {
 }
 
 template <typename T, int kVec, bool kWarpPerRow>
-__global__ void __launch_bounds__(1024) rms_norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
+__global__ void __launch_bounds__(kWarpPerRow ? kWarpModeBlock : kMaxForwardBlock) rms_norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                 T* __restrict__ y, float* __restrict__ rstd,
                                                                 int64_t rows, int hidden, float eps) {
   using V = Pack<T, kVec>;
@@ -72,6 +74,7 @@ __global__ void __launch_bounds__(1024) rms_norm_forward_kernel(const T* __restr
 
   float ss = 0.f;
   if (active) {
+#pragma unroll 4
     for (int j = lane; j < nvec; j += group_threads) {
       const V v = xr[j];
 #pragma unroll
@@ -85,6 +88,7 @@ __global__ void __launch_bounds__(1024) rms_norm_forward_kernel(const T* __restr
   const float rs = rsqrtf(ss / static_cast<float>(hidden) + eps);
   if (!active) return;
   if (lane == 0) rstd[row] = rs;
+#pragma unroll 4
   for (int j = lane; j < nvec; j += group_threads) {
     const V v = xr[j];
     const V g = wr[j];
@@ -97,7 +101,7 @@ __global__ void __launch_bounds__(1024) rms_norm_forward_kernel(const T* __restr
 
 // dx = rs * (dy * w) - x * rs^3 * sum(dy * w * x) / H;  dw = sum over rows of dy * x * rs.
 template <typename T, int kVec, bool kWarpPerRow>
-__global__ void __launch_bounds__(1024) rms_norm_backward_kernel(
+__global__ void __launch_bounds__(kWarpPerRow ? kWarpModeBlock : kMaxBackwardBlock) rms_norm_backward_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rstd,
     T* __restrict__ dx, float* __restrict__ dw_partial, int64_t rows, int hidden) {
   using V = Pack<T, kVec>;
@@ -125,7 +129,7 @@ __global__ void __launch_bounds__(1024) rms_norm_backward_kernel(
     V* dxr = reinterpret_cast<V*>(dx + row * hidden);
     const float rs = rstd[row];
     float dot = 0.f;
-#pragma unroll
+#pragma unroll 2
     for (int k = 0; k < kAccVecs; ++k) {
       const int j = lane + k * group_threads;
       if (j < nvec) {
@@ -202,7 +206,7 @@ __global__ void sum_partial_rows_kernel(const float* __restrict__ partial, T* __
 template <typename T, int kVec>
 void launch_forward(const T* x, const T* w, T* y, float* rstd, int64_t rows, int hidden, float eps,
                     cudaStream_t stream) {
-  const LaunchShape s = launch_shape(hidden);
+  const LaunchShape s = launch_shape(hidden, kMaxForwardBlock);
   const int64_t blocks = (rows + s.rows_per_block - 1) / s.rows_per_block;
   if (s.warp_per_row)
     rms_norm_forward_kernel<T, kVec, true><<<blocks, s.block, 0, stream>>>(x, w, y, rstd, rows, hidden, eps);
@@ -214,7 +218,7 @@ void launch_forward(const T* x, const T* w, T* y, float* rstd, int64_t rows, int
 template <typename T, int kVec>
 void launch_backward(const T* dy, const T* x, const T* w, const float* rstd, T* dx, at::Tensor& dw_partial,
                      int64_t rows, int hidden, cudaStream_t stream) {
-  const LaunchShape s = launch_shape(hidden);
+  const LaunchShape s = launch_shape(hidden, kMaxBackwardBlock);
   float* partial = dw_partial.mutable_data_ptr<float>();
   const int blocks = static_cast<int>(dw_partial.size(0));
   if (s.warp_per_row) {
@@ -235,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const a
   at::Tensor y = at::empty_like(x);
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   if (rows == 0) return {y, rstd};
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   INTERNLM2_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rms_norm_forward_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -264,10 +268,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_y, c
     grad_weight.zero_();
     return {grad_x, grad_weight};
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const LaunchShape shape = launch_shape(hidden);
+  const cudaStream_t stream = current_stream();
+  const LaunchShape shape = launch_shape(hidden, kMaxBackwardBlock);
   // Enough blocks to fill every SM (2048 resident threads each), no more: each block adds a partial row.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = sm_count();
   const int64_t wanted = (rows + shape.rows_per_block - 1) / shape.rows_per_block;
   const int64_t blocks = std::min<int64_t>(wanted, static_cast<int64_t>(sms) * std::max(1, 2048 / shape.block));
   at::Tensor partial = at::empty({blocks, hidden}, x.options().dtype(at::kFloat));

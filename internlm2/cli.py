@@ -1,0 +1,41 @@
+"""`internlm2 <command>`: every user-facing entry point.
+
+Each command lives in its own module with `add_arguments(parser)` and `run(args) -> int | None`; only the
+chosen command's module is imported, so `internlm2 --help` is instant.
+"""
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("internlm2.env", "versions, how the extension was built, and which kernels each op has"),
+}
+
+
+def _command_list() -> str:
+    width = max(map(len, COMMANDS))
+    return "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    top = argparse.ArgumentParser(
+        prog="internlm2",
+        description="Train InternLM2-family models.",
+        epilog=f"commands:\n{_command_list()}\n\nRun `internlm2 COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    top.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    ns = top.parse_args(argv)
+    module_name, help_ = COMMANDS[ns.command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"internlm2 {ns.command}", description=help_)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(ns.args)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
