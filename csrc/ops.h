@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace internlm2 {
 
 // ---- rms_norm
@@ -14,5 +16,27 @@ void check_rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, doubl
 // rms_norm_backward(grad_y, x, weight, rstd) -> (grad_x, grad_weight)
 void check_rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                              const at::Tensor& rstd);
+
+// ---- swiglu: gate and up of one shape and dtype, both contiguous.
+void check_swiglu_forward(const at::Tensor& gate, const at::Tensor& up);
+void check_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& up);
+
+// ---- rope
+void check_rope_cos_sin(const at::Tensor& position_ids, int64_t head_dim, double theta);
+void check_apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// ---- flash attention (schemas and shapes in torch_bindings.cpp)
+void check_flash_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                   double softmax_scale);
+void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                    const std::optional<at::Tensor>& grad_lse,
+                                    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                    double softmax_scale);
+
+// ---- cross_entropy_chunk_
+void check_cross_entropy_chunk(const at::Tensor& logits, const at::Tensor& labels,
+                               const std::optional<at::Tensor>& grad_scale);
 
 }  // namespace internlm2

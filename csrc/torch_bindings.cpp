@@ -6,14 +6,55 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <vector>
+
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(internlm2, m) {
-  // x [..., H], weight [H] -> (y [..., H], rstd [rows] float32)
-  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
-  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  const std::vector<at::Tag> pt2 = {at::Tag::pt2_compliant_tag};
+
+  // RMSNorm over the last dim. x [..., H], weight [H] -> (y [..., H], rstd [rows] float32)
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)", pt2);
+  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)", pt2);
+
+  // SwiGLU: silu(gate) * up, elementwise, gate and up of one shape and dtype.
+  m.def("swiglu_forward(Tensor gate, Tensor up) -> Tensor", pt2);
+  // -> (grad_gate, grad_up)
+  m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)", pt2);
+
+  // RoPE tables for position_ids [T] (int32/int64; positions restart per packed sequence):
+  // -> (cos [T, head_dim], sin [T, head_dim]) float32 in HF's rotate_half layout (each frequency twice:
+  // first half and second half), angles computed in float64. theta is the effective base (dynamic NTK
+  // scaling is resolved in Python before the call).
+  m.def("rope_cos_sin(Tensor position_ids, int head_dim, float theta) -> (Tensor, Tensor)", pt2);
+  // x [T, ..., D] (any strides with x.stride(-1) == 1), cos/sin [T, D] float32 -> rotated x, contiguous,
+  // x's dtype. inverse=True rotates by the negative angle (the backward of the forward rotation).
+  m.def("apply_rope(Tensor x, Tensor cos, Tensor sin, bool inverse=False) -> Tensor", pt2);
+
+  // Flash attention. q [T, Hq, D], k/v [T, Hkv, D] with Hq % Hkv == 0; cu_seqlens int32 [B+1] packs
+  // sequences (None: one sequence of length T); max_seqlen bounds every packed sequence.
+  // -> (out [T, Hq, D], lse [Hq, T] float32: natural-log log-sum-exp of the scaled scores per query)
+  m.def(
+      "flash_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, bool causal, "
+      "float softmax_scale) -> (Tensor, Tensor)",
+      pt2);
+  // grad_lse (optional, [Hq, T] float32) is the gradient flowing into lse when a caller used it (ring
+  // attention merges); -> (grad_q, grad_k, grad_v), grad_k/grad_v summed over each KV head's query group.
+  m.def(
+      "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? grad_lse, Tensor? cu_seqlens, int max_seqlen, bool causal, float softmax_scale) "
+      "-> (Tensor, Tensor, Tensor)",
+      pt2);
+
+  // Fused softmax cross-entropy over one chunk of logits [N, V] (any float dtype) with labels [N] int64
+  // (ignore_index rows give loss 0 and gradient 0). loss = lse - logit[label] + z_loss_weight * lse^2.
+  // When grad_scale (float32, [N] or a scalar) is given, logits are overwritten in place with
+  // grad_scale * d(loss)/d(logits); linear_cross_entropy (Python) chunks the tokens and does the matmuls.
+  // -> (loss [N] float32, lse [N] float32)
+  m.def(
+      "cross_entropy_chunk_(Tensor(a!) logits, Tensor labels, int ignore_index, float z_loss_weight, "
+      "Tensor? grad_scale) -> (Tensor, Tensor)",
+      pt2);
 }
 
 namespace py = pybind11;

@@ -1,0 +1,171 @@
+"""Shared measurement helpers for every benchmark in this folder.
+
+Rules the helpers enforce: times are medians of several runs after warm-up; comparisons are ratios
+against a baseline measured in the same process; every result file names the machine, the command and
+the date. CUDA timings use events on the current stream; CPU timings use perf_counter.
+"""
+
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: str = "cpu", warmup: int = 3, repeats: int = 10,
+                min_seconds: float = 0.0) -> float:
+    """Median seconds per call of `fn` over `repeats` timed calls (more if min_seconds is not reached)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start_all < min_seconds:
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rss_child(conn, fn):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    conn.close()
+
+
+def cpu_peak_memory(fn: Callable[[], object]) -> int:
+    """Bytes by which the peak resident memory grows while `fn` runs, measured in a forked process so
+    earlier allocations in this process do not hide it. `fn` must build its own inputs."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_rss_child, args=(child, fn))
+    proc.start()
+    grown = parent.recv()
+    proc.join()
+    return grown
+
+
+def cuda_peak_memory(fn: Callable[[], object]) -> int:
+    """Bytes of CUDA memory allocated at the peak while `fn` runs, above what was allocated before."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def machine() -> str:
+    """One line naming the machine: GPU and driver when present, else the CPU model and core count."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        try:
+            driver = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10,
+            ).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            driver = "unknown"
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB, driver {driver})"
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def machine_tag() -> str:
+    """Short file-name-safe tag for the machine: the GPU name or 'cpu'."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        for card in ("H200", "H100", "A100", "L40S", "4090"):
+            if card in name:
+                return card.lower()
+        return "".join(c if c.isalnum() else "-" for c in name).lower()
+    return "cpu"
+
+
+@dataclass
+class Report:
+    """A table of results plus what is needed to trust it; written as Markdown and JSON."""
+
+    name: str
+    columns: list[str]
+    rows: list[list] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *values) -> None:
+        assert len(values) == len(self.columns), (values, self.columns)
+        self.rows.append(list(values))
+        print("  " + " | ".join(_fmt(v) for v in values), flush=True)
+
+    def markdown(self) -> str:
+        head = [
+            f"# {self.name}",
+            "",
+            f"- machine: {machine()}",
+            f"- torch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}",
+            f"- command: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
+            f"- date: {datetime.date.today().isoformat()}",
+            *[f"- {n}" for n in self.notes],
+            "",
+            "| " + " | ".join(self.columns) + " |",
+            "|" + "---|" * len(self.columns),
+        ]
+        return "\n".join(head + ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in self.rows]) + "\n"
+
+    def write(self, stem: str | None = None) -> Path:
+        """Writes results/<stem>-<machine tag>.md and .json; returns the Markdown path."""
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        stem = f"{stem or self.name.lower().replace(' ', '_')}-{machine_tag()}"
+        md = RESULTS_DIR / f"{stem}.md"
+        md.write_text(self.markdown())
+        payload = {
+            "name": self.name,
+            "machine": machine(),
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "command": " ".join(sys.argv),
+            "notes": self.notes,
+            "columns": self.columns,
+            "rows": self.rows,
+        }
+        (RESULTS_DIR / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {md}")
+        return md
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
