@@ -5,6 +5,30 @@ device), fake (meta) and autograd registrations so it works under torch.compile 
 `*_reference` in plain PyTorch that serves as the oracle in tests and as the `kernels: reference` path.
 """
 
+from internlm2.ops.flash_attention import flash_attention, flash_attention_reference
+from internlm2.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from internlm2.ops.rms_norm import rms_norm, rms_norm_reference
+from internlm2.ops.rope import (
+    DynamicNTKScaling,
+    apply_rope,
+    apply_rope_reference,
+    rope_cos_sin,
+    rope_cos_sin_reference,
+)
+from internlm2.ops.swiglu import swiglu, swiglu_reference
 
-__all__ = ["rms_norm", "rms_norm_reference"]
+__all__ = [
+    "DynamicNTKScaling",
+    "apply_rope",
+    "apply_rope_reference",
+    "flash_attention",
+    "flash_attention_reference",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rope_cos_sin",
+    "rope_cos_sin_reference",
+    "swiglu",
+    "swiglu_reference",
+]
