@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs internlm2 from this checkout: torch (unless one is installed), the build tools, the CUTLASS
+# headers, then the package itself built against the installed torch. `--test` adds the test dependencies.
+#
+#   ./scripts/install.sh [--test]
+#
+# Environment: CUDA_HOME (default /usr/local/cuda when it has nvcc), INTERNLM2_SKIP_CUDA=1 for CPU kernels
+# only, INTERNLM2_CUDA_ARCHS (default "80;90a"), MAX_JOBS. See README "Building for GPUs".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+if ! $PY -c "import torch" 2>/dev/null; then
+  $PY -m pip install "torch==2.14.1"
+fi
+$PY -m pip install --quiet "setuptools>=70" wheel "cmake>=3.26" ninja
+$PY -m pip install --quiet --no-deps "nvidia-cutlass==4.2.0.0"
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+# --no-build-isolation: the extension must be compiled against the torch that will import it.
+$PY -m pip install --no-build-isolation -e ".$extras"
+$PY -m internlm2.env
