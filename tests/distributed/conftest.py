@@ -1,0 +1,5 @@
+from tests.distributed.spawn import shutdown_pool
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutdown_pool()
