@@ -1,0 +1,219 @@
+"""InternLM2ForCausalLM: embeddings, pre-norm decoder layers, final norm, untied output head.
+
+Parameter names are InternLM2's HF names (`model.tok_embeddings.weight`, `model.layers.{i}.attention.wqkv
+.weight`, ..., `output.weight`), so checkpoints map by name. Built from the tensor-parallel layers (plain
+linears at TP=1), so the same class runs one process or any TP layout, and a pipeline stage is the same
+class holding some layers: `layer_ids` (global indices, which the parameter names keep), `with_embedding`
+(else the stage takes `hidden_states`) and `with_head` (else it returns hidden states).
+
+Inputs are padded `[B, S]` (with `attention_mask`) or packed `[T]` (with `cu_seqlens`); the model computes
+on packed tokens and returns outputs in the caller's layout (see packing.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from internlm2.model.config import ModelConfig
+from internlm2.model.decoder import DecoderLayer
+from internlm2.model.kernels import Kernels, select_kernels
+from internlm2.model.kv_cache import KVCache
+from internlm2.model.loss import causal_lm_loss
+from internlm2.model.norm import RMSNorm
+from internlm2.model.packing import Packing, packing_for
+from internlm2.ops import DynamicNTKScaling
+from internlm2.parallel import ColumnParallelLinear, ParallelState, VocabParallelEmbedding
+
+
+@dataclass
+class CausalLMOutput:
+    """`logits` ([B, S, V] or [T, V]) unless the call asked for the loss only; `loss` when labels were
+    given; `hidden_states`: the last hidden states ([B, S, H] or [T, H]; after the final norm on a stage
+    with the head, the stage's output otherwise)."""
+
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class InternLM2Model(nn.Module):
+    """The decoder stack (HF prefix `model.`): token embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig, parallel: ParallelState, layer_ids: Iterable[int], *, with_embedding: bool,
+                 with_norm: bool, dtype=None, device=None):
+        super().__init__()
+        self.tok_embeddings = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel=parallel, dtype=dtype, device=device)
+            if with_embedding else None
+        )
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(config, parallel, i, dtype=dtype, device=device) for i in layer_ids}
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device) if with_norm else None
+
+
+class InternLM2ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, parallel: ParallelState | None = None, *,
+                 layer_ids: Iterable[int] | None = None, with_embedding: bool = True, with_head: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        self.parallel = parallel = parallel or ParallelState.single()
+        parallel.config.validate(num_attention_heads=config.num_attention_heads,
+                                 num_kv_heads=config.num_key_value_heads, vocab_size=config.vocab_size)
+        layer_ids = list(range(config.num_layers) if layer_ids is None else layer_ids)
+        bad = [i for i in layer_ids if not 0 <= i < config.num_layers]
+        if bad or len(set(layer_ids)) != len(layer_ids):
+            raise ValueError(f"layer_ids must be distinct indices in [0, num_layers={config.num_layers}), got {layer_ids}")
+        self.layer_ids = layer_ids
+        self.kernels: Kernels = select_kernels(config.kernels)
+        self.model = InternLM2Model(config, parallel, layer_ids, with_embedding=with_embedding, with_norm=with_head,
+                                    dtype=dtype, device=device)
+        # Logits are gathered over TP for callers; the loss reads the local vocabulary shard instead.
+        self.output = (
+            ColumnParallelLinear(config.hidden_size, config.vocab_size, parallel=parallel, gather_output=True,
+                                 dtype=dtype, device=device)
+            if with_head else None
+        )
+        self.reset_parameters()
+
+    # ---- construction helpers
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """InternLM2's init: every matrix (linear, embedding) N(0, initializer_range), norm weights 1."""
+        for param in self.parameters():
+            if param.device.type == "meta":
+                continue
+            if param.dim() >= 2:
+                param.normal_(0.0, self.config.initializer_range, generator=generator)
+            else:
+                param.fill_(1.0)
+
+    @property
+    def with_embedding(self) -> bool:
+        return self.model.tok_embeddings is not None
+
+    @property
+    def with_head(self) -> bool:
+        return self.output is not None
+
+    def set_kernels(self, name: str) -> None:
+        """Switches between `fused` and `reference` kernels (the config records the choice)."""
+        self.kernels = select_kernels(name)
+        self.config = self.config.replace(kernels=name)
+
+    # ---- HF checkpoints (see pretrained.py)
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> "InternLM2ForCausalLM":
+        """Loads an HF InternLM2 or Llama checkpoint directory (`parallel`, `dtype`, `device`, `kernels`
+        and the stage arguments as keywords)."""
+        from internlm2.model.pretrained import load_pretrained
+
+        return load_pretrained(directory, **kwargs)
+
+    def save_pretrained(self, directory, format: str = "internlm2", **kwargs):
+        """Writes an HF checkpoint directory in the InternLM2 or Llama layout (`dtype`, `max_shard_size`,
+        `tokenizer_directory`, `overwrite` as keywords)."""
+        from internlm2.model.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, fmt=format, **kwargs)
+
+    # ---- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        labels: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
+        ignore_index: int = -100,
+        return_logits: bool | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> CausalLMOutput:
+        """Runs the stage on padded `[B, S]` or packed `[T]` inputs (`input_ids` on a stage with the
+        embedding, else `hidden_states` `[B, S, H]` / `[T, H]`).
+
+        labels: targets aligned with the inputs (already shifted: `labels[t]` is the token that follows
+        position t; `ignore_index` where there is none); the loss is computed from the hidden states and
+        the output weight without materialising the logits. return_logits: default True without labels,
+        False with them. kv_cache: generation (see generation.py): the first call is the prefill of one
+        packed prompt per cache row, each later call passes one token per row `[B]`.
+        """
+        inputs = self._check_inputs(input_ids, hidden_states)
+        shape = inputs.shape if self.with_embedding else inputs.shape[:-1]
+        if kv_cache is not None and not kv_cache.is_empty:
+            packing = self._decode_packing(shape, inputs.device, kv_cache, attention_mask, cu_seqlens, position_ids)
+        else:
+            packing = packing_for(shape, inputs.device, attention_mask, cu_seqlens, position_ids, max_seqlen,
+                                  what="input_ids" if self.with_embedding else "hidden_states")
+        if kv_cache is not None:
+            kv_cache.check_step(packing)
+        h = packing.pack(inputs)
+        if self.with_embedding:
+            h = self.model.tok_embeddings(h)
+        rope = self._rope_tables(packing, kv_cache)
+        for layer in self.model.layers.values():
+            h = layer(h, rope, packing, self.kernels, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(packing)
+        if not self.with_head:
+            return CausalLMOutput(hidden_states=packing.unpack(h))
+        h = self.model.norm(h, self.kernels)
+        out = CausalLMOutput(hidden_states=packing.unpack(h))
+        if labels is not None:
+            out.loss = causal_lm_loss(h, self.output.weight, self._packed_labels(labels, packing, shape),
+                                      kernels=self.kernels, parallel=self.parallel, reduction=loss_reduction,
+                                      ignore_index=ignore_index)
+        if return_logits if return_logits is not None else labels is None:
+            out.logits = packing.unpack(self.output(h))
+        return out
+
+    def _check_inputs(self, input_ids, hidden_states) -> torch.Tensor:
+        if self.with_embedding:
+            if input_ids is None or hidden_states is not None:
+                raise ValueError("this model (stage) has the embedding: pass input_ids, not hidden_states")
+            if input_ids.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"input_ids must be int32 or int64 token ids, got {input_ids.dtype}")
+            return input_ids
+        if hidden_states is None or input_ids is not None:
+            raise ValueError("this pipeline stage has no embedding: pass hidden_states, not input_ids")
+        if hidden_states.dim() not in (2, 3) or hidden_states.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"hidden_states must be [T, {self.config.hidden_size}] or [B, S, {self.config.hidden_size}], "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        return hidden_states
+
+    @staticmethod
+    def _decode_packing(shape, device, cache: KVCache, attention_mask, cu_seqlens, position_ids) -> Packing:
+        if len(shape) != 1 or attention_mask is not None or cu_seqlens is not None or position_ids is not None:
+            raise ValueError(
+                "after the prefill, a KV-cache call takes one new token per sequence as input_ids [B] "
+                "(positions come from the cache)"
+            )
+        cu = torch.arange(shape[0] + 1, dtype=torch.int32, device=device)
+        return Packing(cu, cache.lengths.clone(), 1)
+
+    def _rope_tables(self, packing: Packing, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        scaling = None
+        if config.rope_scaling_factor is not None:
+            # The NTK base follows the longest sequence in the call (HF's rule: max position + 1); in a
+            # decode step that is known on the host from the cache.
+            seq_len = cache.max_length + 1 if cache is not None and not cache.is_empty else None
+            scaling = DynamicNTKScaling(config.rope_scaling_factor, config.max_position_embeddings, seq_len)
+        return self.kernels.rope_cos_sin(packing.position_ids, config.head_size, config.rope_theta, scaling)
+
+    @staticmethod
+    def _packed_labels(labels: torch.Tensor, packing: Packing, shape) -> torch.Tensor:
+        if tuple(labels.shape) != tuple(shape):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected the inputs' {tuple(shape)}")
+        return packing.pack(labels)
