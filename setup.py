@@ -78,7 +78,9 @@ class CMakeBuild(build_ext):
         import torch
 
         ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # A fixed build directory (not setuptools' temporary one), so `pip install -e .`, `pip wheel .` and
+        # `setup.py build_ext --inplace` all rebuild incrementally: touching one .cu recompiles only it.
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
 
         skip_cuda = _env_flag("INTERNLM2_SKIP_CUDA")

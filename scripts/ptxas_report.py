@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_dir() -> Path:
-    dirs = sorted(glob.glob(str(ROOT / "build" / "*" / "cmake")))
+    dirs = sorted(glob.glob(str(ROOT / "build" / "cmake-*")))
     if not dirs:
         sys.exit("no CMake build directory under build/: build the extension first")
     return Path(dirs[-1])
