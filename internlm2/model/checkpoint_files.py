@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -79,6 +80,9 @@ class CheckpointReader:
                     if not isinstance(state, dict):
                         raise CheckpointError(f"{path} does not hold a dict of tensors")
                     self._open[filename] = state
+            except pickle.UnpicklingError as err:
+                raise CheckpointError(f"{path} holds pickled objects other than tensors; refusing to load it "
+                                      f"(only weights are read, never code): {str(err).splitlines()[-1]}") from err
             except (SafetensorError, OSError, RuntimeError, EOFError) as err:
                 raise CheckpointError(f"cannot read {path} (corrupt or truncated?): {err}") from err
         return self._open[filename]

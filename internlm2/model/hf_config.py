@@ -91,8 +91,9 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> tuple[M
     values = {ours: hf[theirs] for ours, theirs in _COMMON_FIELDS.items() if theirs in hf}
     values.setdefault("num_key_value_heads", hf["num_attention_heads"])  # HF: absent means multi-head attention
     # InternLM2 configs have no head_dim; its modeling code derives hidden_size // num_attention_heads.
-    if model_type == "llama" and hf.get("head_dim") is not None:
-        values["head_dim"] = hf["head_dim"]
+    head_dim = hf.get("head_dim")
+    if model_type == "llama" and head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+        values["head_dim"] = head_dim  # kept only where it is not the derived hidden_size // heads
     elif model_type == "internlm2" and "head_dim" in hf:
         raise ConfigError(f"{where}: InternLM2 configs have no head_dim field (it is hidden_size // num_attention_heads)")
     values["rope_theta"], values["rope_scaling_factor"] = _rope_from_hf(hf, where)

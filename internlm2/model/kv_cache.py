@@ -20,8 +20,10 @@ class KVCache:
     def __init__(self, layer_ids, batch_size: int, capacity: int, kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (batch_size, kv_heads, capacity, head_dim)
-        self.keys = {i: torch.empty(shape, dtype=dtype, device=device) for i in layer_ids}
-        self.values = {i: torch.empty(shape, dtype=dtype, device=device) for i in layer_ids}
+        # Zeroed, not empty: a masked slot still enters the probabilities @ values product with weight 0,
+        # and 0 * (NaN left in uninitialised memory) would be NaN.
+        self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
         self.capacity = capacity
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_length = 0  # host copy of lengths.max(): sizes the attended window without a sync

@@ -1,0 +1,237 @@
+"""HF checkpoint I/O: bitwise round trips through both layouts, sharding, legacy .bin, the convert
+command, and every way a checkpoint can be wrong."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from internlm2.cli import main as cli_main
+from internlm2.model import ConfigError, InternLM2ForCausalLM
+from internlm2.model.checkpoint_files import CheckpointError
+from internlm2.model.hf_layout import fuse_qkv, split_wqkv
+from internlm2.model.pretrained import convert_checkpoint
+from tests.test_model_support import random_ids, random_model, tiny_config
+
+
+def read_all(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, whatever its sharding."""
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(directory / name))
+    return tensors
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture
+def internlm2_dir(tmp_path):
+    """An InternLM2-layout checkpoint (bf16, as released) with a tokenizer file beside it."""
+    model = random_model(tiny_config(), dtype=torch.bfloat16)
+    path = tmp_path / "internlm2"
+    model.save_pretrained(path)
+    (path / "tokenizer.model").write_bytes(b"not a real sentencepiece model, copied verbatim")
+    return path
+
+
+def test_wqkv_layout_is_grouped_per_kv_head():
+    """Rows of wqkv are [q_0..q_{g-1}, k, v] per KV group: check against an explicit row listing."""
+    config = tiny_config()  # 8 heads, 2 KV heads, head_dim 8 -> g = 4
+    d, g, kv = config.head_size, config.queries_per_kv, config.num_key_value_heads
+    q = torch.arange(8 * d)[:, None].float()  # row i of q holds value i
+    k = 1000 + torch.arange(kv * d)[:, None].float()
+    v = 2000 + torch.arange(kv * d)[:, None].float()
+    wqkv = fuse_qkv(q, k, v, config)
+    expected = []
+    for h in range(kv):
+        for j in range(g):
+            expected += list(range((h * g + j) * d, (h * g + j + 1) * d))
+        expected += [1000 + i for i in range(h * d, (h + 1) * d)]
+        expected += [2000 + i for i in range(h * d, (h + 1) * d)]
+    assert wqkv[:, 0].tolist() == expected
+    assert all(torch.equal(a, b) for a, b in zip(split_wqkv(wqkv, config), (q, k, v)))
+
+
+def test_round_trip_internlm2_through_ours_is_bitwise(internlm2_dir, tmp_path):
+    model = InternLM2ForCausalLM.from_pretrained(internlm2_dir, kernels="reference")
+    assert model.output.weight.dtype == torch.bfloat16  # the stored dtype is kept
+    model.save_pretrained(tmp_path / "again")
+    assert_bitwise_equal(read_all(internlm2_dir), read_all(tmp_path / "again"))
+    assert (tmp_path / "again" / "tokenizer.model").read_bytes() == (internlm2_dir / "tokenizer.model").read_bytes()
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == json.loads(
+        (internlm2_dir / "config.json").read_text())
+
+
+def test_round_trip_internlm2_to_llama_and_back_is_bitwise(internlm2_dir, tmp_path):
+    convert_checkpoint(internlm2_dir, tmp_path / "llama", "llama")
+    llama = read_all(tmp_path / "llama")
+    assert "model.layers.1.self_attn.k_proj.weight" in llama and not any("wqkv" in n for n in llama)
+    convert_checkpoint(tmp_path / "llama", tmp_path / "back", "internlm2")
+    assert_bitwise_equal(read_all(internlm2_dir), read_all(tmp_path / "back"))
+
+
+def test_sharded_save_and_load(internlm2_dir, tmp_path):
+    model = InternLM2ForCausalLM.from_pretrained(internlm2_dir, kernels="reference")
+    model.save_pretrained(tmp_path / "sharded", format="llama", max_shard_size="20KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and all((tmp_path / "sharded" / s).is_file() for s in shards)
+    assert index["metadata"]["total_size"] == sum(p.numel() * 2 for p in model.parameters())
+    again = InternLM2ForCausalLM.from_pretrained(tmp_path / "sharded", kernels="reference")
+    for (name, a), b in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_legacy_bin_checkpoint_loads_without_pickle(internlm2_dir, tmp_path):
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((internlm2_dir / "config.json").read_text())
+    tensors = read_all(internlm2_dir)
+    names = sorted(tensors)
+    half = len(names) // 2
+    torch.save({n: tensors[n] for n in names[:half]}, legacy / "pytorch_model-00001-of-00002.bin")
+    torch.save({n: tensors[n] for n in names[half:]}, legacy / "pytorch_model-00002-of-00002.bin")
+    weight_map = {n: f"pytorch_model-0000{1 if i < half else 2}-of-00002.bin" for i, n in enumerate(names)}
+    (legacy / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = InternLM2ForCausalLM.from_pretrained(legacy, kernels="reference")
+    for name, param in model.named_parameters():
+        assert torch.equal(param, tensors[name]), name
+
+
+def test_legacy_bin_with_pickled_code_is_refused(internlm2_dir, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    legacy = tmp_path / "evil"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((internlm2_dir / "config.json").read_text())
+    torch.save({"model.norm.weight": Payload()}, legacy / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        InternLM2ForCausalLM.from_pretrained(legacy, kernels="reference")
+
+
+def test_pipeline_stage_loads_only_its_layers(internlm2_dir):
+    stage = InternLM2ForCausalLM.from_pretrained(internlm2_dir, kernels="reference", layer_ids=[1],
+                                                 with_embedding=False, with_head=True)
+    names = [n for n, _ in stage.named_parameters()]
+    assert names[0].startswith("model.layers.1.") and "output.weight" in names
+    assert not any(n.startswith(("model.layers.0.", "model.tok_embeddings")) for n in names)
+    tensors = read_all(internlm2_dir)
+    assert torch.equal(stage.model.layers["1"].attention.wqkv.weight, tensors["model.layers.1.attention.wqkv.weight"])
+
+
+# ---- bad checkpoints: clear errors, nothing written
+
+def edit_weights(directory, edit):
+    tensors = read_all(directory)
+    edit(tensors)
+    os.remove(directory / "model.safetensors")
+    save_file(tensors, directory / "model.safetensors")
+
+
+def test_wrong_shape_names_tensor_and_shapes(internlm2_dir, tmp_path):
+    edit_weights(internlm2_dir, lambda t: t.update({"model.layers.1.ffn_norm.weight": torch.ones(63)}))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.ffn_norm\.weight.*\(63,\).*\(64,\)"):
+        InternLM2ForCausalLM.from_pretrained(internlm2_dir, kernels="reference")
+    with pytest.raises(CheckpointError, match="ffn_norm"):
+        convert_checkpoint(internlm2_dir, tmp_path / "out", "llama")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary directory left behind"
+
+
+def test_missing_and_unexpected_tensors_are_listed(internlm2_dir):
+    def edit(t):
+        del t["model.layers.0.feed_forward.w3.weight"]
+        del t["output.weight"]
+        t["model.layers.7.attention.wo.weight"] = torch.zeros(2, 2)
+
+    edit_weights(internlm2_dir, edit)
+    with pytest.raises(CheckpointError) as err:
+        InternLM2ForCausalLM.from_pretrained(internlm2_dir, kernels="reference")
+    message = str(err.value)
+    assert "missing tensors: model.layers.0.feed_forward.w3.weight, output.weight" in message
+    assert "unexpected tensors: model.layers.7.attention.wo.weight" in message
+
+
+def test_config_errors_name_the_key(internlm2_dir):
+    path = internlm2_dir / "config.json"
+    original = json.loads(path.read_text())
+    for change, pattern in [
+        ({"rope_sclaing": None}, "unknown config key.*rope_sclaing"),
+        ({"bias": True}, "bias=True is not supported"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
+        ({"num_key_value_heads": 3}, "num_attention_heads \\(8\\) must be divisible by num_key_value_heads \\(3\\)"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+    ]:
+        path.write_text(json.dumps({**original, **change}))
+        with pytest.raises(ConfigError, match=pattern):
+            InternLM2ForCausalLM.from_pretrained(internlm2_dir, kernels="reference")
+    broken = dict(original)
+    del broken["hidden_size"]
+    path.write_text(json.dumps(broken))
+    with pytest.raises(ConfigError, match="missing key.*hidden_size"):
+        InternLM2ForCausalLM.from_pretrained(internlm2_dir, kernels="reference")
+
+
+def test_missing_directory_index_shard_and_corrupt_file(internlm2_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        InternLM2ForCausalLM.from_pretrained(tmp_path / "does-not-exist")
+    model = InternLM2ForCausalLM.from_pretrained(internlm2_dir, kernels="reference")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    second = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))[1]
+    os.remove(tmp_path / "sharded" / second)
+    with pytest.raises(FileNotFoundError, match=second):
+        convert_checkpoint(tmp_path / "sharded", tmp_path / "out", "llama")
+    assert not (tmp_path / "out").exists()
+    (internlm2_dir / "model.safetensors").write_bytes((internlm2_dir / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        InternLM2ForCausalLM.from_pretrained(internlm2_dir, kernels="reference")
+
+
+def test_existing_target_is_kept_unless_overwrite(internlm2_dir, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        convert_checkpoint(internlm2_dir, target, "llama")
+    assert (target / "keep.txt").read_text() == "mine"
+    convert_checkpoint(internlm2_dir, target, "llama", overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "model.safetensors").is_file()
+
+
+def test_internlm2_layout_needs_head_dim_times_heads_equal_hidden(tmp_path):
+    model = random_model(tiny_config(head_dim=16))  # 8 heads x 16 != hidden 64: fine for Llama
+    model.save_pretrained(tmp_path / "llama", format="llama")
+    with pytest.raises(ConfigError, match=r"head_dim \(16\) x num_attention_heads \(8\) == hidden_size \(64\)"):
+        model.save_pretrained(tmp_path / "internlm2", format="internlm2")
+    assert not (tmp_path / "internlm2").exists()
+    again = InternLM2ForCausalLM.from_pretrained(tmp_path / "llama", kernels="reference")
+    ids = random_ids((9,), 320)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+# ---- the command line
+
+def test_convert_command_round_trip(internlm2_dir, tmp_path, capsys):
+    assert cli_main(["convert", "--from", str(internlm2_dir), "--to", str(tmp_path / "l"), "--format", "llama"]) == 0
+    assert cli_main(["convert", "--from", str(tmp_path / "l"), "--to", str(tmp_path / "i"), "--format", "internlm2",
+                     "--max-shard-size", "30KB"]) == 0
+    assert_bitwise_equal(read_all(internlm2_dir), read_all(tmp_path / "i"))
+    assert cli_main(["convert", "--from", str(tmp_path / "nowhere"), "--to", str(tmp_path / "x"),
+                     "--format", "llama"]) == 1
+    assert "nowhere" in capsys.readouterr().err
+    assert cli_main(["convert", "--from", str(internlm2_dir), "--to", str(tmp_path / "f"), "--format", "llama",
+                     "--dtype", "float32"]) == 0
+    converted = read_all(tmp_path / "f")
+    assert all(t.dtype == torch.float32 for t in converted.values())
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["torch_dtype"] == "float32"
