@@ -11,6 +11,8 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("internlm2.env", "versions, how the extension was built, and which kernels each op has"),
+    "convert": ("internlm2.model.convert_command", "rewrite an HF checkpoint in the InternLM2 or Llama layout"),
+    "generate": ("internlm2.model.generate_command", "continue prompts with an HF checkpoint (KV-cache decoding)"),
 }
 
 
