@@ -34,9 +34,14 @@ void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor
                                     const std::optional<at::Tensor>& grad_lse,
                                     const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
                                     double softmax_scale);
+// The values of a host (CPU) cu_seqlens: starts at 0, non-decreasing (empty sequences are allowed), ends
+// at total_tokens, no sequence longer than max_seqlen. The CUDA backend can run it on a host copy.
+void check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t total_tokens, int64_t max_seqlen);
 
 // ---- cross_entropy_chunk_
 void check_cross_entropy_chunk(const at::Tensor& logits, const at::Tensor& labels,
                                const std::optional<at::Tensor>& grad_scale);
+// Every host (CPU) label is in [0, num_classes) or equals ignore_index.
+void check_cross_entropy_labels(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index);
 
 }  // namespace internlm2

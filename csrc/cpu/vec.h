@@ -36,6 +36,20 @@ inline fVec load_float(const T* p, int64_t n) {
   }
 }
 
+// Loads min(n, kFloatLanes) elements (zeros past n): one call serves both the body and the tail of a row.
+template <typename T>
+inline fVec load_float_upto(const T* p, int64_t n) {
+  return n >= kFloatLanes ? load_float(p) : load_float(p, n);
+}
+
+inline float sum_lanes(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
+}
+
+inline float max_lanes(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, v);
+}
+
 template <typename T>
 inline void store_float(T* p, const fVec& v, int64_t n = kFloatLanes) {
   if constexpr (std::is_same_v<T, float>) {
