@@ -33,7 +33,8 @@ from internlm2.parallel import ColumnParallelLinear, ParallelState, VocabParalle
 class CausalLMOutput:
     """`logits` ([B, S, V] or [T, V]) unless the call asked for the loss only; `loss` when labels were
     given; `hidden_states`: the last hidden states ([B, S, H] or [T, H]; after the final norm on a stage
-    with the head, the stage's output otherwise)."""
+    with the head, the stage's output otherwise; under sequence parallelism this rank's token shard of
+    the packed tokens, [T/tp, H])."""
 
     logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None
@@ -148,7 +149,15 @@ class InternLM2ForCausalLM(nn.Module):
         packed prompt per cache row, each later call passes one token per row `[B]`.
         """
         inputs = self._check_inputs(input_ids, hidden_states)
-        shape = inputs.shape if self.with_embedding else inputs.shape[:-1]
+        # Under sequence parallelism hidden states between stages are this rank's shard of the packed
+        # tokens, [T/tp, H]; the packing still describes all T tokens.
+        sharded = self.parallel.sequence_parallel and not self.with_embedding
+        if self.with_embedding:
+            shape = inputs.shape
+        elif sharded:
+            shape = attention_mask.shape if attention_mask is not None else (inputs.shape[0] * self.parallel.tp_size,)
+        else:
+            shape = inputs.shape[:-1]
         if kv_cache is not None and not kv_cache.is_empty:
             packing = self._decode_packing(shape, inputs.device, kv_cache, attention_mask, cu_seqlens, position_ids)
         else:
@@ -156,7 +165,7 @@ class InternLM2ForCausalLM(nn.Module):
                                   what="input_ids" if self.with_embedding else "hidden_states")
         if kv_cache is not None:
             kv_cache.check_step(packing)
-        h = packing.pack(inputs)
+        h = inputs if sharded else packing.pack(inputs)
         if self.with_embedding:
             h = self.model.tok_embeddings(h)
         rope = self._rope_tables(packing, kv_cache)
@@ -164,10 +173,11 @@ class InternLM2ForCausalLM(nn.Module):
             h = layer(h, rope, packing, self.kernels, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(packing)
+        unpack_hidden = (lambda x: x) if self.parallel.sequence_parallel else packing.unpack
         if not self.with_head:
-            return CausalLMOutput(hidden_states=packing.unpack(h))
+            return CausalLMOutput(hidden_states=unpack_hidden(h))
         h = self.model.norm(h, self.kernels)
-        out = CausalLMOutput(hidden_states=packing.unpack(h))
+        out = CausalLMOutput(hidden_states=unpack_hidden(h))
         if labels is not None:
             out.loss = causal_lm_loss(h, self.output.weight, self._packed_labels(labels, packing, shape),
                                       kernels=self.kernels, parallel=self.parallel, reduction=loss_reduction,
@@ -185,6 +195,11 @@ class InternLM2ForCausalLM(nn.Module):
             return input_ids
         if hidden_states is None or input_ids is not None:
             raise ValueError("this pipeline stage has no embedding: pass hidden_states, not input_ids")
+        if self.parallel.sequence_parallel and hidden_states.dim() != 2:
+            raise ValueError(
+                f"under sequence parallelism hidden_states are this rank's token shard [T/tp, H], got "
+                f"{tuple(hidden_states.shape)}"
+            )
         if hidden_states.dim() not in (2, 3) or hidden_states.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"hidden_states must be [T, {self.config.hidden_size}] or [B, S, {self.config.hidden_size}], "

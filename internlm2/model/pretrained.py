@@ -76,6 +76,16 @@ def read_tensors(reader: CheckpointReader, config: ModelConfig, fmt: str,
         yield ours, to_ours(ours, sources, fmt, config)
 
 
+def _materialize(model: torch.nn.Module, device) -> None:
+    """Allocates a meta-device model's parameters on `device` (uninitialised). Moving off the meta device
+    replaces the Parameter objects, so their tensor-parallel marks are carried over by name."""
+    marks = {name: getattr(p, "tensor_parallel_dim", None) for name, p in model.named_parameters()}
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        if marks[name] is not None:
+            param.tensor_parallel_dim = marks[name]
+
+
 def load_pretrained(directory: str | Path, *, parallel: ParallelState | None = None, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu", kernels: str = "fused", **model_kwargs) -> InternLM2ForCausalLM:
     """An `InternLM2ForCausalLM` (or a pipeline stage of one: `layer_ids`, `with_embedding`, `with_head`)
@@ -87,7 +97,7 @@ def load_pretrained(directory: str | Path, *, parallel: ParallelState | None = N
     reader = CheckpointReader(directory)
     dtype = dtype or _DTYPES.get(stored_dtype, torch.float32)
     model = InternLM2ForCausalLM(config, parallel, dtype=dtype, device="meta", **model_kwargs)
-    model.to_empty(device=device)  # keeps the Parameter objects (and their tensor-parallel marks)
+    _materialize(model, device)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, full in read_tensors(reader, config, fmt, names=params):
