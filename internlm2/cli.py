@@ -11,6 +11,7 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("internlm2.env", "versions, how the extension was built, and which kernels each op has"),
+    "plot": ("internlm2.train.plot", "draw a run's loss, learning-rate and throughput curves to a PNG"),
     "convert": ("internlm2.model.convert_command", "rewrite an HF checkpoint in the InternLM2 or Llama layout"),
     "generate": ("internlm2.model.generate_command", "continue prompts with an HF checkpoint (KV-cache decoding)"),
     "train-tokenizer": ("internlm2.data.train_tokenizer_cli", "train a SentencePiece BPE tokenizer with chat tokens"),

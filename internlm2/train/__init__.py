@@ -1,0 +1,1 @@
+"""Training: the trainer loop, stages, checkpoints, metrics (FLOPs, MFU, logging, timers), plots."""
