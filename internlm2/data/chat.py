@@ -91,8 +91,10 @@ def render(messages: Sequence[Message], tokenizer: Tokenizer, *, bos: bool = Tru
 
     for m in messages:
         trained = m.role in train_roles
-        role = m.role if m.name is None else f"{m.role} name=<|{m.name}|>"
-        put([start, *tokenizer.encode(role + "\n")], False)
+        if m.name is None:
+            put([start, *tokenizer.encode(m.role + "\n")], False)
+        else:  # the tool token by id, so a tokenizer without it fails instead of spelling it out
+            put([start, *tokenizer.encode(f"{m.role} name="), tokenizer.special_id(f"<|{m.name}|>"), *newline], False)
         put([*tokenizer.encode(m.content), end], trained)
         put(newline, False)
     if generation_prompt:

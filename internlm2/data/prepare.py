@@ -13,7 +13,6 @@ BOS/EOS added per document by default, as InternLM2's pretraining sees them) and
 `{"messages": [...]}` rendered in ChatML with an assistant-only loss mask, see `chat.py`).
 """
 
-import json
 import multiprocessing as mp
 import os
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from internlm2.data.chat import ChatFormatError, conversation_tokens
 from internlm2.data.errors import DataError, Skips
+from internlm2.data.json_files import read_versioned_json, write_json_atomic
 from internlm2.data.shards import Shard, ShardWriter, read_header
 from internlm2.data.sources import InputFile, Span, read_records, read_texts, resolve_inputs, spans_within
 from internlm2.data.tokenizer import Tokenizer
@@ -105,7 +105,7 @@ def make_manifest(inputs: Sequence[str], tokenizer: Tokenizer, options: PrepareO
 
 
 def _first_difference(old: dict, new: dict) -> str:
-    for key in ("format", "version", "tokenizer", "options"):
+    for key in ("tokenizer", "options"):
         if old.get(key) != new.get(key):
             return f"{key}: {old.get(key)} before, {new.get(key)} now"
     if len(old["shards"]) != len(new["shards"]):
@@ -119,10 +119,7 @@ def _first_difference(old: dict, new: dict) -> str:
 def _start_or_resume(out: Path, manifest: dict) -> None:
     path = out / MANIFEST
     if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            raise DataError(f"{path}: corrupt manifest; prepare into a fresh directory") from None
+        old = read_versioned_json(path, MANIFEST_FORMAT, MANIFEST_VERSION, "prepared-dataset manifest")
         if old != manifest:
             raise DataError(f"{out} was prepared with another plan ({_first_difference(old, manifest)}); "
                             "use a fresh --out directory")
@@ -130,9 +127,7 @@ def _start_or_resume(out: Path, manifest: dict) -> None:
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: not empty and not a prepared dataset; use a fresh --out directory")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, manifest)
 
 
 def finished_header(out: Path, entry: dict, tokenizer_fingerprint: str) -> dict | None:

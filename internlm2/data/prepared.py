@@ -4,13 +4,13 @@ Documents are numbered and laid end to end in shard order; `read(start, stop)` r
 stream with the document starts inside it, which is all packing needs.
 """
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from internlm2.data.errors import DataError
+from internlm2.data.json_files import read_versioned_json
 from internlm2.data.prepare import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from internlm2.data.shards import Shard
 
@@ -27,15 +27,7 @@ class PreparedDataset:
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise DataError(f"{self.path}: not a prepared dataset (no {MANIFEST}); run `internlm2 prepare-data`")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            ok = manifest.get("format") == MANIFEST_FORMAT
-        except (ValueError, AttributeError):
-            ok = False
-        if not ok:
-            raise DataError(f"{manifest_path}: not a prepared-dataset manifest (corrupt or foreign file)")
-        if manifest["version"] != MANIFEST_VERSION:
-            raise DataError(f"{manifest_path}: manifest version {manifest['version']}, this code reads {MANIFEST_VERSION}")
+        manifest = read_versioned_json(manifest_path, MANIFEST_FORMAT, MANIFEST_VERSION, "prepared-dataset manifest")
         self.tokenizer_fingerprint = manifest["tokenizer"]["fingerprint"]
         self.vocab_size = manifest["tokenizer"]["vocab_size"]
         if expected_tokenizer is not None and expected_tokenizer != self.tokenizer_fingerprint:

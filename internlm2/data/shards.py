@@ -14,13 +14,13 @@ checksum (every byte is read once).
 """
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from internlm2.data.errors import DataError
+from internlm2.data.json_files import read_versioned_json, write_json_atomic
 
 FORMAT = "internlm2-token-shard"
 VERSION = 1
@@ -29,12 +29,6 @@ _DATA_SUFFIXES = (".bin", ".idx", ".mask")
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -72,8 +66,9 @@ class ShardWriter:
             self._write(".mask", flags.tobytes())
         self._offsets.append(self._offsets[-1] + tokens.size)
 
-    def finish(self, tokenizer_fingerprint: str, source: dict, skipped: dict) -> dict:
-        """Writes the index and the header; returns the header."""
+    def finish(self, tokenizer_fingerprint: str, source: list, skipped: dict) -> dict:
+        """Writes the index and the header (`source`: what the shard was made from; `skipped`: counted
+        skips); returns the header."""
         self._write(".idx", np.asarray(self._offsets, dtype=np.int64).tobytes())
         for f in self._files.values():
             f.close()
@@ -92,7 +87,7 @@ class ShardWriter:
             "skipped": skipped,
             "source": source,
         }
-        _atomic_write_text(self.directory / f"{self.name}.json", json.dumps(header, indent=1) + "\n")
+        write_json_atomic(self.directory / f"{self.name}.json", header)
         return header
 
     def abort(self) -> None:
@@ -106,16 +101,7 @@ def read_header(directory: Path, name: str) -> dict | None:
     path = Path(directory) / f"{name}.json"
     if not path.is_file():
         return None
-    try:
-        header = json.loads(path.read_text())
-        ok = header.get("format") == FORMAT
-    except (ValueError, AttributeError):
-        ok = False
-    if not ok:
-        raise DataError(f"{path}: not a token shard header (corrupt or foreign file)")
-    if header["version"] != VERSION:
-        raise DataError(f"{path}: shard format version {header['version']}, this code reads {VERSION}")
-    return header
+    return read_versioned_json(path, FORMAT, VERSION, "token shard header")
 
 
 class Shard:
