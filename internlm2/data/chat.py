@@ -1,6 +1,7 @@
 """ChatML as InternLM2 uses it, rendered to token ids with a loss mask for SFT.
 
-    <s><|im_start|>system\\n{meta}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|>\\n
+    <s><|im_start|>system\\n{meta}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n
+    <|im_start|>assistant\\n{a}<|im_end|>\\n
 
 Roles: system, user, assistant, environment. Tools: a system or environment message may name one
 (`name: "plugin"` or `"interpreter"`), rendered `<|im_start|>system name=<|plugin|>\\n...`; an assistant

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-eos", action="store_true", help="text format: no </s> after each document")
     parser.add_argument("--shard-bytes", type=parse_size, default=PrepareOptions.shard_bytes, metavar="SIZE",
                         help="input bytes per shard (default 16M); shards are the unit of parallelism and resume")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 

@@ -61,10 +61,8 @@ def resolve_inputs(specs: Sequence[str | os.PathLike]) -> list[InputFile]:
         if path.is_file():
             files.append(InputFile.of(path))
         elif path.is_dir():
-            found = sorted(
-                (p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)),
-                key=lambda p: p.relative_to(path).as_posix(),
-            )
+            found = sorted((p.relative_to(path) for p in path.rglob("*") if p.is_file()), key=Path.as_posix)
+            found = [path / rel for rel in found if not any(part.startswith(".") for part in rel.parts)]
             if not found:
                 raise DataError(f"{path}: directory holds no files")
             files += map(InputFile.of, found)

@@ -198,8 +198,8 @@ def test_chat_format(tmp_path, small_tokenizer):
         for i in range(6)
     ]
     bad = [{"role": "assistant", "content": "speaks first"}]
-    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": c} for c in conversations[:3]] + [{"messages": bad}, {"x": 1}]
-                       + [{"messages": c} for c in conversations[3:]])
+    records = [{"messages": c} for c in conversations[:3]] + [{"messages": bad}, {"x": 1}]
+    path = write_jsonl(tmp_path / "sft.jsonl", records + [{"messages": c} for c in conversations[3:]])
     options = PrepareOptions(format="chat", shard_bytes=200)
     with pytest.raises(DataError, match="sft.jsonl:4: message 0 is assistant first"):
         prepare([path], small_tokenizer, tmp_path / "fail", options)

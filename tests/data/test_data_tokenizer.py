@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from internlm2.data import CHAT_TOKENS, DataError, Tokenizer, train_tokenizer
 from internlm2.data.chat import Message, render
 from internlm2.data.tokenizer import INTERNLM2_CHAT_TOKENS
-from internlm2.data.tokenizer_training import MIN_VOCAB_SIZE
+from internlm2.data.tokenizer_training import MIN_VOCAB_SIZE, training_sentences
 from tests.data.conftest import REAL_TOKENIZER
 
 # From InternLM2's published chat format and HF tokenizer config (see ../shared/data/README.md).
@@ -118,3 +118,12 @@ def test_bad_models_and_training_inputs_are_refused(tmp_path):
 
 def test_convention_applies_only_where_the_spare_pieces_are(real_tokenizer):
     assert all(real_tokenizer.id_to_piece(i) == spare for i, spare in INTERNLM2_CHAT_TOKENS.values())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.text(alphabet="ab \né", max_size=30) | st.just("x" * 9000) | st.just("é" * 5000), max_size=8))
+def test_training_sentences_cover_the_text_in_bounded_pieces(parts):
+    doc = "\n".join(parts)
+    sentences = list(training_sentences([doc]))
+    assert "".join(sentences) == doc
+    assert all(0 < len(s.encode()) <= 8192 for s in sentences)
