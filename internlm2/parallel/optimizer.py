@@ -1,0 +1,237 @@
+"""AdamW over data-parallel ranks: ZeRO-1 (sharded fp32 master weights and moments) or plain DDP.
+
+Gradients. Every parameter gets a slice of a flat gradient bucket (float32 by default, whatever the
+parameters' dtype); a post-accumulate-grad hook adds each backward's `.grad` into it and frees `.grad`, so
+micro-batches accumulate in float32 (Megatron's `main_grad`). Buckets hold parameters in reverse
+registration order (roughly the order backward produces them) up to `bucket_elements`, and never mix
+tensor-parallel (sharded) with TP-replicated parameters or parameter groups, so each bucket is reduced,
+counted in the norm and updated as one flat tensor.
+
+Reduction (`reduce_grads`). Under sequence parallel, TP-replicated parameters (norms) saw only their
+rank's tokens, so their buckets are first all-reduced over TP. Then, over the DP x CP ranks:
+- "ddp": all-reduce each bucket, divide by dp*cp; every rank updates everything (the reference mode).
+- "zero1": reduce-scatter each bucket over the ZeRO group (`zero1_size` consecutive DP x CP ranks), then
+  all-reduce the shard over the replica group when zero1_size < dp*cp (InternEvo's in-node `zero1`);
+  each rank keeps the float32 master weights and AdamW moments of its shard only, updates them, and
+  all-gathers the updated parameters within the ZeRO group.
+
+Norm and clipping count every element once (see grad_norm.py): shards add up over the ZeRO group,
+TP-replicated buckets count on TP rank 0, stages add up over PP. The update is torch.optim.AdamW's
+(decoupled weight decay, bias correction) on float32 masters, written back in the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from internlm2.parallel import comm
+from internlm2.parallel.grad_norm import clip_coefficient, counted_here, reduce_norm_squares
+from internlm2.parallel.state import ParallelState
+from internlm2.parallel.tensor_parallel import is_tensor_parallel
+
+MODES = ("zero1", "ddp")
+
+
+def default_no_decay(name: str, param: nn.Parameter) -> bool:
+    """Vectors (norm weights, biases) get no weight decay; matrices do."""
+    return param.dim() < 2
+
+
+class _Bucket:
+    def __init__(self, group_index: int, tensor_parallel: bool):
+        self.group_index, self.tensor_parallel = group_index, tensor_parallel
+        self.params: list[tuple[str, nn.Parameter]] = []
+        self.offsets: list[int] = []
+        self.numel = 0
+
+    def add(self, name: str, param: nn.Parameter) -> None:
+        self.params.append((name, param))
+        self.offsets.append(self.numel)
+        self.numel += param.numel()
+
+    def allocate(self, shards: int, shard_index: int, sharded: bool, grad_dtype: torch.dtype) -> None:
+        first = self.params[0][1]
+        self.padded = math.ceil(self.numel / shards) * shards
+        self.grad = torch.zeros(self.padded, dtype=grad_dtype, device=first.device)
+        size = self.padded // shards if sharded else self.padded
+        self.lo = shard_index * size if sharded else 0
+        self.hi = self.lo + size
+        self.master = self.flat_params()[self.lo:self.hi].clone()
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+
+    def flat_params(self) -> torch.Tensor:
+        """The parameters' current values as one padded float32 vector."""
+        flat = torch.zeros(self.padded, dtype=torch.float32, device=self.grad.device)
+        for (_, p), off in zip(self.params, self.offsets):
+            flat[off:off + p.numel()] = p.detach().reshape(-1).float()
+        return flat
+
+    def grad_view(self, index: int) -> torch.Tensor:
+        (_, p), off = self.params[index], self.offsets[index]
+        return self.grad[off:off + p.numel()].view_as(p)
+
+    @property
+    def shard_grad(self) -> torch.Tensor:
+        return self.grad[self.lo:self.hi]
+
+
+class DistributedOptimizer:
+    """AdamW for the parameters of this rank's model chunks, reduced over `parallel`'s DP x CP ranks.
+
+    named_parameters: (name, parameter) pairs (all chunks of this rank). `no_decay(name, param)` picks the
+    parameters without weight decay. `param_groups` (a list of dicts with "lr", "weight_decay", "betas",
+    "eps") may be edited between steps, e.g. by a learning-rate schedule.
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, nn.Parameter]], parallel: ParallelState, *,
+                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1, mode: str = "zero1", bucket_elements: int = 1 << 24,
+                 grad_dtype: torch.dtype = torch.float32,
+                 no_decay: Callable[[str, nn.Parameter], bool] = default_no_decay):
+        if mode not in MODES:
+            raise ValueError(f"DistributedOptimizer: mode must be one of {MODES}, got {mode!r}")
+        if bucket_elements < 1:
+            raise ValueError(f"DistributedOptimizer: bucket_elements must be >= 1, got {bucket_elements}")
+        self.parallel, self.mode = parallel, mode
+        self.param_groups = [{"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay},
+                             {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0}]
+        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        if len({id(p) for _, p in named}) != len(named):
+            raise ValueError("DistributedOptimizer: a parameter is listed twice (tied weights are not supported)")
+        self.buckets = self._make_buckets(named, bucket_elements, no_decay)
+        sharded = mode == "zero1"
+        shards = parallel.zero_size if sharded else 1
+        for bucket in self.buckets:
+            bucket.allocate(shards, parallel.zero_rank, sharded, grad_dtype)
+        self._where = {}  # param -> (bucket, index)
+        self._hooks = []
+        for bucket in self.buckets:
+            for i, (_, p) in enumerate(bucket.params):
+                self._where[p] = (bucket, i)
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulate))
+        self.step_count = 0
+        self._reduced = False
+
+    @staticmethod
+    def _make_buckets(named, bucket_elements, no_decay) -> list[_Bucket]:
+        buckets, open_ = [], {}
+        for name, p in reversed(named):
+            key = (1 if no_decay(name, p) else 0, is_tensor_parallel(p))
+            bucket = open_.get(key)
+            if bucket is None or (bucket.numel and bucket.numel + p.numel() > bucket_elements):
+                bucket = open_[key] = _Bucket(*key)
+                buckets.append(bucket)
+            bucket.add(name, p)
+        return buckets
+
+    def _accumulate(self, param: nn.Parameter) -> None:
+        bucket, i = self._where[param]
+        bucket.grad_view(i).add_(param.grad)
+        param.grad = None
+        self._reduced = False
+
+    # ---- gradients ------------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        for bucket in self.buckets:
+            bucket.grad.zero_()
+        self._reduced = False
+
+    @torch.no_grad()
+    def reduce_grads(self) -> None:
+        """Sums gradients over TP (replicated parameters under sequence parallel) and averages them over
+        DP x CP (all of each bucket in "ddp" mode, this rank's shard in "zero1" mode)."""
+        if self._reduced:
+            return
+        parallel = self.parallel
+        for bucket in self.buckets:
+            if parallel.sequence_parallel and not bucket.tensor_parallel:
+                comm.all_reduce(bucket.grad, parallel.tp_group)
+            if self.mode == "ddp":
+                comm.all_reduce(bucket.grad, parallel.dp_cp_group)
+            else:
+                if comm.group_size(parallel.zero_group) > 1:
+                    shard = torch.empty_like(bucket.shard_grad)
+                    comm.reduce_scatter_flat(shard, bucket.grad, parallel.zero_group)
+                    bucket.shard_grad.copy_(shard)
+                comm.all_reduce(bucket.shard_grad, parallel.zero_replica_group)
+            bucket.shard_grad.div_(parallel.dp_cp_size)
+        self._reduced = True
+
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the reduced gradients, every element counted once (float64 scalar)."""
+        self.reduce_grads()
+        local = torch.zeros((), dtype=torch.float64, device=self.parallel.device)
+        for bucket in self.buckets:
+            if counted_here(bucket.tensor_parallel, self.parallel):
+                local += torch.linalg.vector_norm(bucket.shard_grad, dtype=torch.float32).double().square()
+        shard_group = self.parallel.zero_group if self.mode == "zero1" else None
+        return reduce_norm_squares(local, self.parallel, shard_group).sqrt()
+
+    @torch.no_grad()
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """The reduced gradient of every parameter of this rank (this rank's TP shard), by name; in
+        "zero1" mode the shards are all-gathered over the ZeRO group (for tests and debugging)."""
+        self.reduce_grads()
+        out = {}
+        for bucket in self.buckets:
+            flat = bucket.grad
+            if self.mode == "zero1" and comm.group_size(self.parallel.zero_group) > 1:
+                flat = torch.empty_like(bucket.grad)
+                comm.all_gather_flat(flat, bucket.shard_grad.contiguous(), self.parallel.zero_group)
+            for (name, p), off in zip(bucket.params, bucket.offsets):
+                out[name] = flat[off:off + p.numel()].view(p.shape).clone()
+        return out
+
+    # ---- update ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, max_grad_norm: float | None = None) -> torch.Tensor:
+        """Reduces the gradients (if not done yet), clips them to `max_grad_norm` (None: no clipping),
+        applies AdamW and writes the new weights into the parameters. Returns the norm before clipping."""
+        norm = self.grad_norm()
+        coef = clip_coefficient(norm, max_grad_norm).float() if max_grad_norm is not None else None
+        self.step_count += 1
+        for bucket in self.buckets:
+            grad = bucket.shard_grad.float()
+            if coef is not None:
+                grad = grad * coef
+            self._adamw(bucket, grad, self.param_groups[bucket.group_index])
+            self._write_params(bucket)
+        return norm
+
+    def _adamw(self, bucket: _Bucket, grad: torch.Tensor, group: dict) -> None:
+        # torch.optim.AdamW's single-tensor update, on the float32 master shard.
+        lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+        t = self.step_count
+        bucket.master.mul_(1 - lr * wd)
+        bucket.exp_avg.lerp_(grad, 1 - beta1)
+        bucket.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (bucket.exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+        bucket.master.addcdiv_(bucket.exp_avg, denom, value=-lr / (1 - beta1 ** t))
+
+    def _write_params(self, bucket: _Bucket) -> None:
+        dtype = bucket.params[0][1].dtype
+        flat = bucket.master.to(dtype)
+        if self.mode == "zero1" and comm.group_size(self.parallel.zero_group) > 1:
+            full = torch.empty(bucket.padded, dtype=dtype, device=flat.device)
+            comm.all_gather_flat(full, flat, self.parallel.zero_group)
+            flat = full
+        for (_, p), off in zip(bucket.params, bucket.offsets):
+            p.copy_(flat[off:off + p.numel()].view_as(p))
+
+    @torch.no_grad()
+    def reload_master_weights(self) -> None:
+        """Re-reads the float32 masters from the parameters (after loading weights into the model)."""
+        for bucket in self.buckets:
+            bucket.master.copy_(bucket.flat_params()[bucket.lo:bucket.hi])
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+

@@ -1,0 +1,140 @@
+"""Pipeline parallelism: which layers each stage holds, and running a schedule over point-to-point messages.
+
+Partition. `stage_layer_ids(num_layers, config)` gives the layer ids of every global stage (stage
+s = chunk * pp + pp_rank): an even split, or `config.stage_layout`. `local_stages(num_layers, parallel)`
+gives this rank's chunks as `StageSpec`s (layer ids, whether the chunk holds the embedding (global stage 0)
+and the head (the last global stage)); a model builds one module per spec.
+
+Execution. `run_pipeline(parallel, chunks, microbatches, forward_step)` runs this rank's action list
+(`pipeline_schedule.build_schedule`: gradient accumulation at pp=1, 1F1B, or interleaved 1F1B with
+virtual stages). `forward_step(chunk_index, module, inputs, microbatch)` runs one chunk on one
+micro-batch: `inputs` is None on global stage 0, else the activation received from the previous stage;
+it returns the activation to send on, or the micro-batch's loss (a scalar) on the last stage. Each loss is
+scaled by 1/num_microbatches before its backward, so gradients are those of the mean loss.
+
+Messages. Activations travel on `parallel.pp_fwd_group`, gradients on `parallel.pp_bwd_group`: two
+communicators, so that on each (sender, receiver) channel messages arrive in the order they were sent,
+also at pp=2 where the same two ranks exchange both (Megatron-LM#750). Sends are asynchronous and receives
+block, so a schedule that `pipeline_schedule.simulate` completes cannot deadlock. Activations may change
+shape between micro-batches (packed rows): each is preceded by a small header with its shape and dtype;
+gradients have the shape of the activation they belong to.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from internlm2.parallel import comm
+from internlm2.parallel.pipeline_schedule import Action, build_schedule
+from internlm2.parallel.state import ParallelConfig, ParallelState
+
+_HEADER_LEN = 8  # ndim, dtype code, up to 6 sizes
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    stage: int
+    layer_ids: tuple[int, ...]
+    with_embedding: bool
+    with_head: bool
+
+
+def stage_layer_ids(num_layers: int, config: ParallelConfig) -> list[tuple[int, ...]]:
+    """Layer ids of every global stage (pp * virtual_stages of them), validated."""
+    config.validate(num_layers=num_layers)
+    if config.stage_layout is not None:
+        return [tuple(stage) for stage in config.stage_layout]
+    stages = config.pp * config.virtual_stages
+    per = num_layers // stages
+    return [tuple(range(s * per, (s + 1) * per)) for s in range(stages)]
+
+
+def local_stages(num_layers: int, parallel: ParallelState) -> list[StageSpec]:
+    """This rank's model chunks, in chunk order."""
+    layers = stage_layer_ids(num_layers, parallel.config)
+    pp, last = parallel.pp_size, len(layers) - 1
+    out = []
+    for chunk in range(parallel.virtual_stages):
+        s = chunk * pp + parallel.pp_rank
+        out.append(StageSpec(s, layers[s], with_embedding=s == 0, with_head=s == last))
+    return out
+
+
+def _send_activation(x: torch.Tensor, parallel: ParallelState, pending: list) -> None:
+    if x.dim() > _HEADER_LEN - 2 or x.dtype not in _DTYPES:
+        raise ValueError(f"pipeline: cannot send an activation of shape {tuple(x.shape)} and dtype {x.dtype} "
+                         f"(at most {_HEADER_LEN - 2} dims, dtype in {_DTYPES})")
+    header = [x.dim(), _DTYPES.index(x.dtype), *x.shape] + [0] * (_HEADER_LEN - 2 - x.dim())
+    header = torch.tensor(header, dtype=torch.int64, device=x.device)
+    payload = x.detach().contiguous()
+    group, dst = parallel.pp_fwd_group, parallel.next_stage_rank
+    pending.append((comm.isend(header, dst, group), header))
+    pending.append((comm.isend(payload, dst, group), payload))
+
+
+def _recv_activation(parallel: ParallelState) -> torch.Tensor:
+    group, src = parallel.pp_fwd_group, parallel.prev_stage_rank
+    header = comm.recv(torch.empty(_HEADER_LEN, dtype=torch.int64, device=parallel.device), src, group).tolist()
+    ndim, dtype = header[0], _DTYPES[header[1]]
+    x = torch.empty(header[2:2 + ndim], dtype=dtype, device=parallel.device)
+    return comm.recv(x, src, group).requires_grad_()
+
+
+@dataclass
+class TimedAction:
+    action: Action
+    start: float
+    end: float
+
+
+def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches: list[Any],
+                 forward_step: Callable[[int, nn.Module, torch.Tensor | None, Any], torch.Tensor],
+                 timeline: list[TimedAction] | None = None) -> list[torch.Tensor]:
+    """Forward and backward of every micro-batch through this rank's chunks; gradients accumulate in the
+    parameters' `.grad`. Returns the (unscaled, detached) per-micro-batch losses on the rank holding the
+    last stage, [] elsewhere. With `timeline`, appends each action's wall-clock span."""
+    pp, v, m = parallel.pp_size, parallel.virtual_stages, len(microbatches)
+    if len(chunks) != v:
+        raise ValueError(f"run_pipeline: got {len(chunks)} model chunks, expected virtual_stages={v}")
+    last_stage = pp * v - 1
+    inputs: dict[tuple[int, int], torch.Tensor | None] = {}
+    outputs: dict[tuple[int, int], torch.Tensor] = {}
+    losses: dict[int, torch.Tensor] = {}
+    pending: list = []  # (work, tensor kept alive until the send completes)
+    for action in build_schedule(parallel.pp_rank, pp, v, m):
+        start = time.perf_counter()
+        stage = action.chunk * pp + parallel.pp_rank
+        key = (action.chunk, action.microbatch)
+        if action.kind == "F":
+            x = None if stage == 0 else _recv_activation(parallel)
+            y = forward_step(action.chunk, chunks[action.chunk], x, microbatches[action.microbatch])
+            if stage == last_stage:
+                if y.dim() != 0:
+                    raise ValueError(f"forward_step on the last stage must return a scalar loss, got shape "
+                                     f"{tuple(y.shape)}")
+                losses[action.microbatch] = y.detach()
+                y = y / m
+            else:
+                _send_activation(y, parallel, pending)
+            inputs[key], outputs[key] = x, y
+        else:
+            x, y = inputs.pop(key), outputs.pop(key)
+            if stage == last_stage:
+                torch.autograd.backward(y)
+            else:
+                grad = comm.recv(torch.empty_like(y), parallel.next_stage_rank, parallel.pp_bwd_group)
+                torch.autograd.backward(y, grad)
+            if x is not None:
+                grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
+                pending.append((comm.isend(grad_x, parallel.prev_stage_rank, parallel.pp_bwd_group), grad_x))
+        if timeline is not None:
+            timeline.append(TimedAction(action, start, time.perf_counter()))
+    for work, _ in pending:
+        work.wait()
+    return [losses[i] for i in sorted(losses)]
