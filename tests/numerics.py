@@ -58,3 +58,19 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def poison_cuda_allocator(nbytes: int = 256 << 20) -> None:
     """Fill freed CUDA cache blocks with NaN so an output element a kernel forgets to write shows up."""
     torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").fill_(float("nan"))
+
+
+def run_with_cpu_isa(isa: str, code: str) -> None:
+    """Runs `code` in a fresh interpreter whose CPU kernels use instruction set `isa` (ATEN_CPU_CAPABILITY),
+    after asserting that the extension really picked it; skips when this CPU lacks it."""
+    import subprocess
+    import sys
+
+    import internlm2
+
+    if isa == "avx2" and internlm2._C.cpu_isa() == "default":
+        pytest.skip("this CPU has no AVX2")
+    prelude = f"import internlm2\nassert internlm2._C.cpu_isa() == {isa!r}, internlm2._C.cpu_isa()\n"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    result = subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -22,7 +22,7 @@ void check_apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   const int64_t head_dim = x.size(-1);
   TORCH_CHECK(head_dim % 2 == 0, "apply_rope: the last dimension of x (head_dim) must be even, got shape ",
               shape_str(x));
-  TORCH_CHECK(x.stride(-1) == 1 || head_dim <= 1, "apply_rope: x must be contiguous in its last dimension (stride 1), ",
+  TORCH_CHECK(x.stride(-1) == 1 || x.numel() == 0, "apply_rope: x must be contiguous in its last dimension (stride 1), ",
               "got strides ", x.strides());
   for (const auto& [t, name] : {std::pair{&cos, "apply_rope: cos"}, std::pair{&sin, "apply_rope: sin"}}) {
     TORCH_CHECK(t->dim() == 2 && t->size(0) == tokens && t->size(1) == head_dim, name, " must have shape [",

@@ -9,6 +9,8 @@ whole op costs three matmuls like the unfused version and the backward only scal
 the per-token upstream gradient, so its backward recomputes the logits chunk by chunk.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +23,7 @@ REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
-def _check_arguments(hidden, weight, labels, reduction, chunk_size):
+def _check_arguments(hidden, weight, labels, reduction, chunk_size, z_loss_weight):
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if hidden.dim() < 1:
@@ -40,6 +42,8 @@ def _check_arguments(hidden, weight, labels, reduction, chunk_size):
         raise ValueError(f"linear_cross_entropy: weight has dtype {weight.dtype} but hidden has {hidden.dtype}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    if not (math.isfinite(z_loss_weight) and z_loss_weight >= 0):
+        raise ValueError(f"linear_cross_entropy: z_loss_weight must be finite and >= 0, got {z_loss_weight}")
 
 
 def _chunked_pass(hidden, weight, labels, ignore_index, z_loss_weight, chunk_size, grad_scale, grad_hidden, grad_weight):
@@ -142,7 +146,7 @@ def linear_cross_entropy(
     z_loss_weight * logsumexp(logits)^2 per token (PaLM's z-loss). chunk_size: tokens per chunk (default:
     as many as fit in 2^24 logits). The loss is float32; differentiable in hidden and weight.
     """
-    _check_arguments(hidden, weight, labels, reduction, chunk_size)
+    _check_arguments(hidden, weight, labels, reduction, chunk_size, z_loss_weight)
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, weight.shape[0]))
     loss = _LinearCrossEntropy.apply(
@@ -161,7 +165,7 @@ def linear_cross_entropy_reference(
     z_loss_weight: float = 0.0,
 ) -> torch.Tensor:
     """Plain PyTorch: full logits in the input dtype, cross-entropy in float32 (float64 for float64)."""
-    _check_arguments(hidden, weight, labels, reduction, None)
+    _check_arguments(hidden, weight, labels, reduction, None, z_loss_weight)
     logits = (hidden @ weight.t()).to(accumulate_dtype(hidden.dtype))
     losses = F.cross_entropy(logits.flatten(0, -2), labels.reshape(-1), ignore_index=ignore_index, reduction="none")
     if z_loss_weight:
