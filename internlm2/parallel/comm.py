@@ -7,6 +7,7 @@ active `CommCounter`s, which is how the communication-volume benchmark counts by
 
 from __future__ import annotations
 
+import datetime
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -116,7 +117,7 @@ def isend(tensor: torch.Tensor, dst: int, group):
     return dist.isend(tensor, dst=dst, group=group)
 
 
-def recv(tensor: torch.Tensor, src: int, group) -> torch.Tensor:
-    """Blocking receive from global rank `src` into `tensor` (fails after the group's timeout)."""
-    dist.irecv(tensor, src=src, group=group).wait()
+def recv(tensor: torch.Tensor, src: int, group, timeout: datetime.timedelta) -> torch.Tensor:
+    """Blocking receive from global rank `src` into `tensor`; raises after `timeout`."""
+    dist.irecv(tensor, src=src, group=group).wait(timeout)
     return tensor

@@ -80,10 +80,11 @@ def _send_activation(x: torch.Tensor, parallel: ParallelState, pending: list) ->
 
 def _recv_activation(parallel: ParallelState) -> torch.Tensor:
     group, src = parallel.pp_fwd_group, parallel.prev_stage_rank
-    header = comm.recv(torch.empty(_HEADER_LEN, dtype=torch.int64, device=parallel.device), src, group).tolist()
+    header = comm.recv(torch.empty(_HEADER_LEN, dtype=torch.int64, device=parallel.device), src, group,
+                       parallel.timeout).tolist()
     ndim, dtype = header[0], _DTYPES[header[1]]
     x = torch.empty(header[2:2 + ndim], dtype=dtype, device=parallel.device)
-    return comm.recv(x, src, group).requires_grad_()
+    return comm.recv(x, src, group, parallel.timeout).requires_grad_()
 
 
 @dataclass
@@ -128,7 +129,8 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
             if stage == last_stage:
                 torch.autograd.backward(y)
             else:
-                grad = comm.recv(torch.empty_like(y), parallel.next_stage_rank, parallel.pp_bwd_group)
+                grad = comm.recv(torch.empty_like(y), parallel.next_stage_rank, parallel.pp_bwd_group,
+                                 parallel.timeout)
                 torch.autograd.backward(y, grad)
             if x is not None:
                 grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
@@ -136,5 +138,5 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
         if timeline is not None:
             timeline.append(TimedAction(action, start, time.perf_counter()))
     for work, _ in pending:
-        work.wait()
+        work.wait(parallel.timeout)
     return [losses[i] for i in sorted(losses)]

@@ -111,6 +111,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def _default_group_timeout() -> datetime.timedelta:
+    try:  # the timeout the default group was created with (no public accessor)
+        return dist.group.WORLD._get_backend(torch.device("cpu" if dist.get_backend() == "gloo" else "cuda")) \
+            .options._timeout
+    except (AttributeError, RuntimeError):
+        return dist.default_pg_timeout
+
+
 class ParallelState:
     """This rank's place in the (pp, dp, cp, tp) grid and the process groups of each dimension.
 
@@ -134,6 +142,9 @@ class ParallelState:
         self.rank, self.world_size = rank, world
         self.device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        # Blocking point-to-point receives wait forever unless given a timeout (collectives use the
+        # group's): the pipeline passes this one, so a dead peer fails the step instead of hanging it.
+        self.timeout = timeout or _default_group_timeout()
         self.grid = torch.arange(world).view(config.pp, config.dp, config.cp, config.tp)
         self.coordinate = tuple(int(c) for c in (self.grid == rank).nonzero()[0])
         self.mesh = init_device_mesh(
@@ -177,6 +188,7 @@ class ParallelState:
         self.grid = torch.zeros(1, 1, 1, 1, dtype=torch.long)
         self.coordinate = (0, 0, 0, 0)
         self.mesh = None
+        self.timeout = None
         for name in ("pp", "dp", "cp", "tp", "dp_cp", "zero", "zero_replica", "pp_fwd", "pp_bwd"):
             setattr(self, f"{name}_group", None)
         self._pp_ranks = [0]
