@@ -57,6 +57,7 @@ def _bad_state_case():
         state_module.init_device_mesh, dist.new_group = saved
 
 
+@pytest.mark.world_size(2)
 def test_bad_layout_fails_on_every_rank_before_any_collective():
     run_distributed(2, _bad_state_case)
 
@@ -83,6 +84,7 @@ def _raise_on_rank_1_during_pipeline():
     run_pipeline(parallel, [torch.nn.Linear(4, 4)], [0, 1], forward_step)
 
 
+@pytest.mark.world_size(2, pool="short-timeout")
 @pytest.mark.parametrize("case", [_raise_on_rank_1_during_all_reduce, _raise_on_rank_1_during_pipeline])
 def test_a_raising_rank_makes_the_others_fail_within_the_timeout(case):
     start = time.monotonic()

@@ -42,8 +42,11 @@ LAYOUTS = [  # (tp, pp, dp, sequence_parallel, virtual_stages), grouped by world
 ]
 
 
-@pytest.mark.parametrize("tp,pp,dp,sp,v", LAYOUTS, ids=[f"tp{t}-pp{p}-dp{d}{'-sp' if s else ''}{f'-v{v}' if v > 1 else ''}"
-                                                        for t, p, d, s, v in LAYOUTS])
+@pytest.mark.parametrize("tp,pp,dp,sp,v", [
+    pytest.param(*layout, marks=pytest.mark.world_size(layout[0] * layout[1] * layout[2]),
+                 id=f"tp{layout[0]}-pp{layout[1]}-dp{layout[2]}{'-sp' if layout[3] else ''}"
+                    f"{f'-v{layout[4]}' if layout[4] > 1 else ''}")
+    for layout in LAYOUTS])
 def test_layout_matches_single_process(tp, pp, dp, sp, v):
     config = ParallelConfig(tp=tp, pp=pp, dp=dp, sequence_parallel=sp, virtual_stages=v)
     _check(run_distributed(config.world_size, distributed_run, config))

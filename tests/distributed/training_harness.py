@@ -104,7 +104,8 @@ def _full(name_to_shard: dict[str, torch.Tensor], modules, parallel: ParallelSta
     return out
 
 
-def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = STEPS) -> dict:
+def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = STEPS,
+                    bucket_elements: int = 4096) -> dict:
     """This rank's part of the same training under `config`; returns what rank-specific pieces it owns
     (losses on last-stage ranks of DP rank 0 ... ), keyed so the caller can merge them."""
     from tests.distributed.spawn import worker_state
@@ -124,7 +125,7 @@ def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = ST
         chunks.append(stage)
     named = [(n, p) for c in chunks for n, p in c.named_parameters()]
     opt = DistributedOptimizer(named, parallel, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, mode=mode,
-                               bucket_elements=4096)
+                               bucket_elements=bucket_elements)
     result = {"losses": [], "norms": []}
     for step in range(steps):
         opt.zero_grad()
