@@ -8,11 +8,11 @@ Start with `state.ParallelState` (the grid; `ParallelState.single()` for one pro
 
 from internlm2.parallel.state import ParallelConfig, ParallelState, init_distributed
 from internlm2.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                                full_grads, full_state_dict, gather_tensor, is_tensor_parallel,
-                                                load_full_state_dict, shard_tensor)
+                                                column_parallel_input, full_grads, full_state_dict, gather_tensor,
+                                                is_tensor_parallel, load_full_state_dict, shard_tensor)
 
 __all__ = [
     "ColumnParallelLinear", "ParallelConfig", "ParallelState", "RowParallelLinear", "VocabParallelEmbedding",
-    "full_grads", "full_state_dict", "gather_tensor", "init_distributed", "is_tensor_parallel", "load_full_state_dict",
-    "shard_tensor",
+    "column_parallel_input", "full_grads", "full_state_dict", "gather_tensor", "init_distributed",
+    "is_tensor_parallel", "load_full_state_dict", "shard_tensor",
 ]
