@@ -89,6 +89,8 @@ def _recv_activation(parallel: ParallelState) -> torch.Tensor:
 
 @dataclass
 class TimedAction:
+    """One action's compute span on this rank (after its input arrived), in time.perf_counter seconds."""
+
     action: Action
     start: float
     end: float
@@ -99,7 +101,7 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
                  timeline: list[TimedAction] | None = None) -> list[torch.Tensor]:
     """Forward and backward of every micro-batch through this rank's chunks; gradients accumulate in the
     parameters' `.grad`. Returns the (unscaled, detached) per-micro-batch losses on the rank holding the
-    last stage, [] elsewhere. With `timeline`, appends each action's wall-clock span."""
+    last stage, [] elsewhere. With `timeline`, appends each action's compute span (waiting excluded)."""
     pp, v, m = parallel.pp_size, parallel.virtual_stages, len(microbatches)
     if len(chunks) != v:
         raise ValueError(f"run_pipeline: got {len(chunks)} model chunks, expected virtual_stages={v}")
@@ -109,11 +111,11 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
     losses: dict[int, torch.Tensor] = {}
     pending: list = []  # (work, tensor kept alive until the send completes)
     for action in build_schedule(parallel.pp_rank, pp, v, m):
-        start = time.perf_counter()
         stage = action.chunk * pp + parallel.pp_rank
         key = (action.chunk, action.microbatch)
         if action.kind == "F":
             x = None if stage == 0 else _recv_activation(parallel)
+            start = time.perf_counter()
             y = forward_step(action.chunk, chunks[action.chunk], x, microbatches[action.microbatch])
             if stage == last_stage:
                 if y.dim() != 0:
@@ -126,12 +128,10 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
             inputs[key], outputs[key] = x, y
         else:
             x, y = inputs.pop(key), outputs.pop(key)
-            if stage == last_stage:
-                torch.autograd.backward(y)
-            else:
-                grad = comm.recv(torch.empty_like(y), parallel.next_stage_rank, parallel.pp_bwd_group,
-                                 parallel.timeout)
-                torch.autograd.backward(y, grad)
+            grad = None if stage == last_stage else comm.recv(
+                torch.empty_like(y), parallel.next_stage_rank, parallel.pp_bwd_group, parallel.timeout)
+            start = time.perf_counter()
+            torch.autograd.backward(y, grad)
             if x is not None:
                 grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
                 pending.append((comm.isend(grad_x, parallel.prev_stage_rank, parallel.pp_bwd_group), grad_x))
