@@ -116,6 +116,7 @@ class DistributedOptimizer:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulate))
         self.step_count = 0
         self._reduced = False
+        self._norm: torch.Tensor | None = None  # of the current reduced gradients
 
     @staticmethod
     def _make_buckets(named, bucket_elements, no_decay) -> list[_Bucket]:
@@ -133,13 +134,13 @@ class DistributedOptimizer:
         bucket, i = self._where[param]
         bucket.grad_view(i).add_(param.grad)
         param.grad = None
-        self._reduced = False
+        self._reduced, self._norm = False, None
 
     # ---- gradients ------------------------------------------------------------------------------
     def zero_grad(self) -> None:
         for bucket in self.buckets:
             bucket.grad.zero_()
-        self._reduced = False
+        self._reduced, self._norm = False, None
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
@@ -166,12 +167,15 @@ class DistributedOptimizer:
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients, every element counted once (float64 scalar)."""
         self.reduce_grads()
+        if self._norm is not None:
+            return self._norm
         local = torch.zeros((), dtype=torch.float64, device=self.parallel.device)
         for bucket in self.buckets:
             if counted_here(bucket.tensor_parallel, self.parallel):
                 local += torch.linalg.vector_norm(bucket.shard_grad, dtype=torch.float32).double().square()
         shard_group = self.parallel.zero_group if self.mode == "zero1" else None
-        return reduce_norm_squares(local, self.parallel, shard_group).sqrt()
+        self._norm = reduce_norm_squares(local, self.parallel, shard_group).sqrt()
+        return self._norm
 
     @torch.no_grad()
     def full_grads(self) -> dict[str, torch.Tensor]:
@@ -180,10 +184,7 @@ class DistributedOptimizer:
         self.reduce_grads()
         out = {}
         for bucket in self.buckets:
-            flat = bucket.grad
-            if self.mode == "zero1" and comm.group_size(self.parallel.zero_group) > 1:
-                flat = torch.empty_like(bucket.grad)
-                comm.all_gather_flat(flat, bucket.shard_grad.contiguous(), self.parallel.zero_group)
+            flat = self._gather_shard(bucket, bucket.shard_grad)
             for (name, p), off in zip(bucket.params, bucket.offsets):
                 out[name] = flat[off:off + p.numel()].view(p.shape).clone()
         return out
@@ -215,14 +216,49 @@ class DistributedOptimizer:
         bucket.master.addcdiv_(bucket.exp_avg, denom, value=-lr / (1 - beta1 ** t))
 
     def _write_params(self, bucket: _Bucket) -> None:
-        dtype = bucket.params[0][1].dtype
-        flat = bucket.master.to(dtype)
-        if self.mode == "zero1" and comm.group_size(self.parallel.zero_group) > 1:
-            full = torch.empty(bucket.padded, dtype=dtype, device=flat.device)
-            comm.all_gather_flat(full, flat, self.parallel.zero_group)
-            flat = full
+        flat = self._gather_shard(bucket, bucket.master.to(bucket.params[0][1].dtype))
         for (_, p), off in zip(bucket.params, bucket.offsets):
             p.copy_(flat[off:off + p.numel()].view_as(p))
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+    @torch.no_grad()
+    def per_param_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every parameter's float32 master weight and AdamW moments, by name, in the parameter's shape
+        (its TP shard), independent of the ZeRO sharding: a collective over the ZeRO group in "zero1"
+        mode. With `step_count`, this is what a reshardable checkpoint stores."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for bucket in self.buckets:
+            flats = {key: self._gather_shard(bucket, getattr(bucket, key)) for key in self.STATE_KEYS}
+            for (name, p), off in zip(bucket.params, bucket.offsets):
+                out[name] = {key: flat[off:off + p.numel()].view(p.shape).clone() for key, flat in flats.items()}
+        return out
+
+    @torch.no_grad()
+    def load_per_param_state(self, state: dict[str, dict[str, torch.Tensor]], step_count: int) -> None:
+        """Restores what `per_param_state` returned (possibly saved under another layout and resharded to
+        this rank's TP shapes); each rank keeps its ZeRO shard. Missing names or wrong shapes raise."""
+        for bucket in self.buckets:
+            for key in self.STATE_KEYS:
+                flat = torch.zeros(bucket.padded, dtype=torch.float32, device=bucket.master.device)
+                for (name, p), off in zip(bucket.params, bucket.offsets):
+                    if name not in state or key not in state[name]:
+                        raise KeyError(f"optimizer state: no {key!r} for parameter {name!r}")
+                    value = state[name][key]
+                    if tuple(value.shape) != tuple(p.shape):
+                        raise ValueError(f"optimizer state: {name}.{key} has shape {tuple(value.shape)}, "
+                                         f"expected {tuple(p.shape)}")
+                    flat[off:off + p.numel()] = value.reshape(-1).to(flat.device, torch.float32)
+                getattr(bucket, key).copy_(flat[bucket.lo:bucket.hi])
+        self.step_count = int(step_count)
+
+    def _gather_shard(self, bucket: _Bucket, shard: torch.Tensor) -> torch.Tensor:
+        if self.mode == "ddp" or comm.group_size(self.parallel.zero_group) == 1:
+            return shard
+        full = torch.empty(bucket.padded, dtype=shard.dtype, device=shard.device)
+        comm.all_gather_flat(full, shard.contiguous(), self.parallel.zero_group)
+        return full
 
     @torch.no_grad()
     def reload_master_weights(self) -> None:

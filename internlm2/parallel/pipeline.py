@@ -78,13 +78,13 @@ def _send_activation(x: torch.Tensor, parallel: ParallelState, pending: list) ->
     pending.append((comm.isend(payload, dst, group), payload))
 
 
-def _recv_activation(parallel: ParallelState) -> torch.Tensor:
+def _recv_activation(parallel: ParallelState, requires_grad: bool = True) -> torch.Tensor:
     group, src = parallel.pp_fwd_group, parallel.prev_stage_rank
     header = comm.recv(torch.empty(_HEADER_LEN, dtype=torch.int64, device=parallel.device), src, group,
                        parallel.timeout).tolist()
     ndim, dtype = header[0], _DTYPES[header[1]]
     x = torch.empty(header[2:2 + ndim], dtype=dtype, device=parallel.device)
-    return comm.recv(x, src, group, parallel.timeout).requires_grad_()
+    return comm.recv(x, src, group, parallel.timeout).requires_grad_(requires_grad)
 
 
 @dataclass
@@ -140,3 +140,30 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
     for work, _ in pending:
         work.wait(parallel.timeout)
     return [losses[i] for i in sorted(losses)]
+
+
+@torch.no_grad()
+def forward_only(parallel: ParallelState, chunks: list[nn.Module], microbatches: list[Any],
+                 forward_step: Callable[[int, nn.Module, torch.Tensor | None, Any], torch.Tensor]) -> list[torch.Tensor]:
+    """Forward of every micro-batch through the pipeline without gradients (evaluation), in the training
+    schedule's forward order. Returns the per-micro-batch outputs of the last stage (e.g. losses) on the
+    rank holding it, [] elsewhere."""
+    pp, v = parallel.pp_size, parallel.virtual_stages
+    if len(chunks) != v:
+        raise ValueError(f"forward_only: got {len(chunks)} model chunks, expected virtual_stages={v}")
+    last_stage = pp * v - 1
+    outputs: dict[int, torch.Tensor] = {}
+    pending: list = []
+    for action in build_schedule(parallel.pp_rank, pp, v, len(microbatches)):
+        if action.kind != "F":
+            continue
+        stage = action.chunk * pp + parallel.pp_rank
+        x = None if stage == 0 else _recv_activation(parallel, requires_grad=False)
+        y = forward_step(action.chunk, chunks[action.chunk], x, microbatches[action.microbatch])
+        if stage == last_stage:
+            outputs[action.microbatch] = y.detach()
+        else:
+            _send_activation(y, parallel, pending)
+    for work, _ in pending:
+        work.wait(parallel.timeout)
+    return [outputs[i] for i in sorted(outputs)]

@@ -25,6 +25,7 @@ def _check(results):
     ref = reference()
     merged = merge_ranks(results)
     torch.testing.assert_close(torch.tensor(merged["losses"]), torch.tensor(ref["losses"]), **TOL)
+    torch.testing.assert_close(torch.tensor(merged["eval_losses"]), torch.tensor(ref["eval_losses"]), **WEIGHT_TOL)
     for norms in merged["all_norms"]:
         torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref["norms"]), **TOL)
     assert set(merged["grads"]) == set(ref["grads"])

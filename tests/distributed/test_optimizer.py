@@ -17,6 +17,9 @@ def _dp4_runs():
         "ddp": distributed_run(ParallelConfig(dp=4), mode="ddp"),
         "zero1": distributed_run(ParallelConfig(dp=4), mode="zero1", bucket_elements=1 << 20),
         "zero1-pairs": distributed_run(ParallelConfig(dp=4, zero1_size=2), mode="zero1", bucket_elements=1000),
+        # optimizer state taken out of ZeRO pairs after step 1 and loaded into DDP with other buckets
+        "zero1-pairs, reloaded as ddp": distributed_run(ParallelConfig(dp=4, zero1_size=2), mode="zero1",
+                                                       bucket_elements=1000, reload_as="ddp"),
     }
 
 

@@ -93,3 +93,8 @@ def test_local_stages_put_embedding_first_and_head_last():
     state = ParallelState.single()
     (spec,) = local_stages(4, state)
     assert spec.layer_ids == (0, 1, 2, 3) and spec.with_embedding and spec.with_head
+
+
+@pytest.mark.parametrize("pp,v,m", GRID)
+def test_forward_only_order_does_not_deadlock(pp, v, m):
+    assert len(simulate(pp, v, m, forward_only=True)) == pp * v * m

@@ -17,7 +17,7 @@ import torch
 from internlm2.model import InternLM2ForCausalLM, preset_config
 from internlm2.parallel import ParallelConfig, ParallelState, full_state_dict, load_full_state_dict
 from internlm2.parallel.optimizer import DistributedOptimizer, default_no_decay
-from internlm2.parallel.pipeline import local_stages, run_pipeline
+from internlm2.parallel.pipeline import forward_only, local_stages, run_pipeline
 from internlm2.parallel.tensor_parallel import gather_tensor
 
 STEPS = 3
@@ -92,6 +92,8 @@ def reference_run(steps: int = STEPS) -> dict:
         opt.step()
         result["losses"].append(torch.stack(losses).mean().item())
     result["weights"] = {n: p.detach().clone() for n, p in named}
+    with torch.no_grad():
+        result["eval_losses"] = [stage_loss(model, None, mb).item() for mb in microbatches(steps, config.vocab_size)]
     return result
 
 
@@ -104,10 +106,12 @@ def _full(name_to_shard: dict[str, torch.Tensor], modules, parallel: ParallelSta
     return out
 
 
-def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = STEPS,
-                    bucket_elements: int = 4096) -> dict:
-    """This rank's part of the same training under `config`; returns what rank-specific pieces it owns
-    (losses on last-stage ranks of DP rank 0 ... ), keyed so the caller can merge them."""
+def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = STEPS, bucket_elements: int = 4096,
+                    reload_as: str | None = None) -> dict:
+    """This rank's part of the same training under `config`: per-step losses (last-stage ranks), norms,
+    step-1 gradients, final weights (full tensors of this rank's stages) and the evaluation losses of the
+    trained model through `forward_only` (last-stage ranks). With `reload_as`, the optimizer state is
+    taken out after step 1 (`per_param_state`) and loaded into a new optimizer of that mode."""
     from tests.distributed.spawn import worker_state
 
     model_config = tiny_config()
@@ -138,7 +142,18 @@ def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = ST
         if step == 0:
             result["grads"] = _full(opt.full_grads(), chunks, parallel)
         result["norms"].append(opt.step(MAX_GRAD_NORM).item())
+        if step == 0 and reload_as is not None:
+            state = opt.per_param_state()
+            opt.remove_hooks()
+            opt = DistributedOptimizer(named, parallel, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                                       mode=reload_as, bucket_elements=bucket_elements // 3 + 1)
+            opt.load_per_param_state(state, opt_steps := 1)
+            assert opt.step_count == opt_steps
     opt.remove_hooks()
+    per_rank = len(microbatches(steps, model_config.vocab_size)) // parallel.dp_size
+    evaluation = microbatches(steps, model_config.vocab_size)[parallel.dp_rank * per_rank:][:per_rank]
+    result["eval_losses"] = [x.item() for x in forward_only(parallel, chunks, evaluation,
+                                                            lambda c, m, x, mb: stage_loss(m, x, mb))]
     result["weights"] = {k: v for c in chunks for k, v in full_state_dict(c, parallel).items()}
     result["coordinate"] = parallel.coordinate
     return result
@@ -149,8 +164,10 @@ def merge_ranks(results: list[dict]) -> dict:
     rank 0's after checking), gradients and weights merged over pipeline stages."""
     loss_ranks = [r["losses"] for r in results if r["losses"]]
     steps = len(results[0]["norms"])
+    eval_ranks = {r["coordinate"][1]: r["eval_losses"] for r in results if r["eval_losses"]}  # by DP rank
     merged = {
         "losses": [sum(r[s] for r in loss_ranks) / len(loss_ranks) for s in range(steps)],
+        "eval_losses": [x for d in sorted(eval_ranks) for x in eval_ranks[d]],
         "norms": results[0]["norms"],
         "all_norms": [r["norms"] for r in results],
         "grads": {}, "weights": {},
