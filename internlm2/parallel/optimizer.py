@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -47,6 +48,10 @@ class _Bucket:
         self.params: list[tuple[str, nn.Parameter]] = []
         self.offsets: list[int] = []
         self.numel = 0
+        self.ready = 0  # parameters accumulated inside `grad_sync` this step
+        self.launched = False
+        self.inflight = None  # the running reduction's work
+        self.scattered: torch.Tensor | None = None  # reduce-scatter output, before the replica all-reduce
 
     def add(self, name: str, param: nn.Parameter) -> None:
         self.params.append((name, param))
@@ -117,6 +122,8 @@ class DistributedOptimizer:
         self.step_count = 0
         self._reduced = False
         self._norm: torch.Tensor | None = None  # of the current reduced gradients
+        self._syncing = False
+        self.launched_in_backward = 0  # buckets whose reduction started during backward this step
 
     @staticmethod
     def _make_buckets(named, bucket_elements, no_decay) -> list[_Bucket]:
@@ -135,32 +142,72 @@ class DistributedOptimizer:
         bucket.grad_view(i).add_(param.grad)
         param.grad = None
         self._reduced, self._norm = False, None
+        if self._syncing:
+            bucket.ready += 1
+            if bucket.ready == len(bucket.params):
+                self._launch(bucket)
+                self.launched_in_backward += 1
+
+    @contextmanager
+    def grad_sync(self):
+        """Inside, the last backward of a model chunk is running: each bucket whose parameters have all
+        received their gradient starts its DP reduction at once, asynchronously, overlapping the rest of
+        the backward. `run_pipeline(..., grad_sync=optimizer.grad_sync)` does this; without it the
+        reduction happens in `reduce_grads`."""
+        self._syncing = True
+        try:
+            yield
+        finally:
+            self._syncing = False
 
     # ---- gradients ------------------------------------------------------------------------------
     def zero_grad(self) -> None:
         for bucket in self.buckets:
+            self._wait(bucket)
             bucket.grad.zero_()
+            bucket.ready = 0
         self._reduced, self._norm = False, None
+        self.launched_in_backward = 0
+
+    def _launch(self, bucket: _Bucket) -> None:
+        """Starts the bucket's DP x CP reduction: all-reduce (ddp), reduce-scatter over the ZeRO group,
+        or, with one rank per ZeRO group, the all-reduce over the replicas."""
+        parallel = self.parallel
+        if self.mode == "ddp":
+            bucket.inflight = comm.all_reduce_async(bucket.grad, parallel.dp_cp_group)
+        elif comm.group_size(parallel.zero_group) > 1:
+            bucket.scattered = torch.empty_like(bucket.shard_grad)
+            bucket.inflight = comm.reduce_scatter_flat(bucket.scattered, bucket.grad, parallel.zero_group,
+                                                       async_op=True)
+        else:
+            bucket.inflight = comm.all_reduce_async(bucket.shard_grad, parallel.zero_replica_group)
+        bucket.launched = True
+
+    def _wait(self, bucket: _Bucket) -> None:
+        if bucket.inflight is not None:
+            bucket.inflight.wait()
+            bucket.inflight = None
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
-        """Sums gradients over TP (replicated parameters under sequence parallel) and averages them over
-        DP x CP (all of each bucket in "ddp" mode, this rank's shard in "zero1" mode)."""
+        """Averages gradients over DP x CP (all of each bucket in "ddp" mode, this rank's shard in
+        "zero1" mode) and sums TP-replicated ones over TP under sequence parallel (on the reduced shard:
+        replicated buckets have the same layout on every TP rank)."""
         if self._reduced:
             return
         parallel = self.parallel
         for bucket in self.buckets:
-            if parallel.sequence_parallel and not bucket.tensor_parallel:
-                comm.all_reduce(bucket.grad, parallel.tp_group)
-            if self.mode == "ddp":
-                comm.all_reduce(bucket.grad, parallel.dp_cp_group)
-            else:
-                if comm.group_size(parallel.zero_group) > 1:
-                    shard = torch.empty_like(bucket.shard_grad)
-                    comm.reduce_scatter_flat(shard, bucket.grad, parallel.zero_group)
-                    bucket.shard_grad.copy_(shard)
+            if not bucket.launched:
+                self._launch(bucket)
+            self._wait(bucket)
+            if bucket.scattered is not None:
+                bucket.shard_grad.copy_(bucket.scattered)
+                bucket.scattered = None
                 comm.all_reduce(bucket.shard_grad, parallel.zero_replica_group)
+            if parallel.sequence_parallel and not bucket.tensor_parallel:
+                comm.all_reduce(bucket.shard_grad, parallel.tp_group)
             bucket.shard_grad.div_(parallel.dp_cp_size)
+            bucket.launched, bucket.ready = False, 0
         self._reduced = True
 
     @torch.no_grad()

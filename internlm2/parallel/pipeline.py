@@ -23,6 +23,7 @@ gradients have the shape of the activation they belong to.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -98,10 +99,13 @@ class TimedAction:
 
 def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches: list[Any],
                  forward_step: Callable[[int, nn.Module, torch.Tensor | None, Any], torch.Tensor],
-                 timeline: list[TimedAction] | None = None) -> list[torch.Tensor]:
+                 timeline: list[TimedAction] | None = None,
+                 grad_sync: Callable[[], AbstractContextManager] | None = None) -> list[torch.Tensor]:
     """Forward and backward of every micro-batch through this rank's chunks; gradients accumulate in the
     parameters' `.grad`. Returns the (unscaled, detached) per-micro-batch losses on the rank holding the
-    last stage, [] elsewhere. With `timeline`, appends each action's compute span (waiting excluded)."""
+    last stage, [] elsewhere. With `timeline`, appends each action's compute span (waiting excluded).
+    `grad_sync` (e.g. `DistributedOptimizer.grad_sync`) wraps each chunk's last backward, so gradient
+    reduction can start while the remaining backwards run."""
     pp, v, m = parallel.pp_size, parallel.virtual_stages, len(microbatches)
     if len(chunks) != v:
         raise ValueError(f"run_pipeline: got {len(chunks)} model chunks, expected virtual_stages={v}")
@@ -110,7 +114,9 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     losses: dict[int, torch.Tensor] = {}
     pending: list = []  # (work, tensor kept alive until the send completes)
-    for action in build_schedule(parallel.pp_rank, pp, v, m):
+    actions = build_schedule(parallel.pp_rank, pp, v, m)
+    last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind == "B"}
+    for index, action in enumerate(actions):
         stage = action.chunk * pp + parallel.pp_rank
         key = (action.chunk, action.microbatch)
         if action.kind == "F":
@@ -131,7 +137,8 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
             grad = None if stage == last_stage else comm.recv(
                 torch.empty_like(y), parallel.next_stage_rank, parallel.pp_bwd_group, parallel.timeout)
             start = time.perf_counter()
-            torch.autograd.backward(y, grad)
+            with grad_sync() if grad_sync is not None and last_backward[action.chunk] == index else nullcontext():
+                torch.autograd.backward(y, grad)
             if x is not None:
                 grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
                 pending.append((comm.isend(grad_x, parallel.prev_stage_rank, parallel.pp_bwd_group), grad_x))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from internlm2.model import InternLM2ForCausalLM, preset_config
-from internlm2.parallel import ParallelConfig, ParallelState, full_state_dict, load_full_state_dict
+from internlm2.parallel import ParallelConfig, ParallelState, comm, full_state_dict, load_full_state_dict
 from internlm2.parallel.optimizer import DistributedOptimizer, default_no_decay
 from internlm2.parallel.pipeline import forward_only, local_stages, run_pipeline
 from internlm2.parallel.tensor_parallel import gather_tensor
@@ -107,11 +107,12 @@ def _full(name_to_shard: dict[str, torch.Tensor], modules, parallel: ParallelSta
 
 
 def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = STEPS, bucket_elements: int = 4096,
-                    reload_as: str | None = None) -> dict:
+                    reload_as: str | None = None, overlap: bool = False) -> dict:
     """This rank's part of the same training under `config`: per-step losses (last-stage ranks), norms,
     step-1 gradients, final weights (full tensors of this rank's stages) and the evaluation losses of the
     trained model through `forward_only` (last-stage ranks). With `reload_as`, the optimizer state is
-    taken out after step 1 (`per_param_state`) and loaded into a new optimizer of that mode."""
+    taken out after step 1 (`per_param_state`) and loaded into a new optimizer of that mode. With
+    `overlap`, gradient reduction starts during each chunk's last backward (`grad_sync`)."""
     from tests.distributed.spawn import worker_state
 
     model_config = tiny_config()
@@ -136,7 +137,10 @@ def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = ST
         mbs = microbatches(step, model_config.vocab_size)
         per_rank = len(mbs) // parallel.dp_size
         mine = mbs[parallel.dp_rank * per_rank:(parallel.dp_rank + 1) * per_rank]
-        losses = run_pipeline(parallel, chunks, mine, lambda c, m, x, mb: stage_loss(m, x, mb))
+        losses = run_pipeline(parallel, chunks, mine, lambda c, m, x, mb: stage_loss(m, x, mb),
+                              grad_sync=opt.grad_sync if overlap else None)
+        if overlap and comm.group_size(parallel.dp_cp_group) > 1:  # every bucket started inside backward
+            assert opt.launched_in_backward == len(opt.buckets), (opt.launched_in_backward, len(opt.buckets))
         if losses:
             result["losses"].append(torch.stack(losses).mean().item())
         if step == 0:
