@@ -165,6 +165,7 @@ class ParallelState:
             [g[:, di, ci, ti] for di in range(config.dp) for ci in range(config.cp) for ti in range(config.tp)],
             timeout)
         self._pp_ranks = g[:, d, c, t].tolist()
+        self._cp_ranks = g[p, d, :, t].tolist()
 
     def _new_groups(self, rank_lists, timeout):
         """Creates one group per rank list (all ranks call this identically); returns this rank's."""
@@ -192,6 +193,7 @@ class ParallelState:
         for name in ("pp", "dp", "cp", "tp", "dp_cp", "zero", "zero_replica", "pp_fwd", "pp_bwd"):
             setattr(self, f"{name}_group", None)
         self._pp_ranks = [0]
+        self._cp_ranks = [0]
         return self
 
     # sizes and ranks ------------------------------------------------------------------------------
@@ -239,6 +241,16 @@ class ParallelState:
     def prev_stage_rank(self) -> int:
         """Global rank of the previous pipeline stage (wrapping around)."""
         return self._pp_ranks[(self.pp_rank - 1) % self.config.pp]
+
+    @property
+    def cp_next_rank(self) -> int:
+        """Global rank of the next context-parallel rank on the ring."""
+        return self._cp_ranks[(self.cp_rank + 1) % self.config.cp]
+
+    @property
+    def cp_prev_rank(self) -> int:
+        """Global rank of the previous context-parallel rank on the ring."""
+        return self._cp_ranks[(self.cp_rank - 1) % self.config.cp]
 
     @cached_property
     def device(self) -> torch.device:
