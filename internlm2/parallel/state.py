@@ -150,8 +150,10 @@ class ParallelState:
         self.mesh = init_device_mesh(
             self.device_type, tuple(self.grid.shape), mesh_dim_names=DIMS)
         self.pp_group, self.dp_group, self.cp_group, self.tp_group = (self.mesh.get_group(d) for d in DIMS)
+        if timeout is not None:  # the mesh's groups inherit the default group's timeout unless told otherwise
+            for group in (self.pp_group, self.dp_group, self.cp_group, self.tp_group):
+                dist.set_timeout(timeout, group)
         # Groups beyond the mesh's single dimensions. Every rank creates every group, in the same order.
-        p, d, c, t = self.coordinate
         g = self.grid
         dp_cp_lists = [g[pi, :, :, ti].flatten() for pi in range(config.pp) for ti in range(config.tp)]
         self.dp_cp_group = self._new_groups(dp_cp_lists, timeout)
@@ -164,8 +166,6 @@ class ParallelState:
         self.pp_bwd_group = self._new_groups(
             [g[:, di, ci, ti] for di in range(config.dp) for ci in range(config.cp) for ti in range(config.tp)],
             timeout)
-        self._pp_ranks = g[:, d, c, t].tolist()
-        self._cp_ranks = g[p, d, :, t].tolist()
 
     def _new_groups(self, rank_lists, timeout):
         """Creates one group per rank list (all ranks call this identically); returns this rank's."""
@@ -192,8 +192,6 @@ class ParallelState:
         self.timeout = None
         for name in ("pp", "dp", "cp", "tp", "dp_cp", "zero", "zero_replica", "pp_fwd", "pp_bwd"):
             setattr(self, f"{name}_group", None)
-        self._pp_ranks = [0]
-        self._cp_ranks = [0]
         return self
 
     # sizes and ranks ------------------------------------------------------------------------------
@@ -232,25 +230,19 @@ class ParallelState:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.config.pp - 1
 
-    @property
-    def next_stage_rank(self) -> int:
-        """Global rank of the next pipeline stage (wrapping around, as interleaved schedules need)."""
-        return self._pp_ranks[(self.pp_rank + 1) % self.config.pp]
+    def neighbour(self, dim: str, offset: int) -> int:
+        """Global rank `offset` steps along grid dimension `dim` ("pp", "dp", "cp" or "tp"), wrapping
+        around, the other coordinates unchanged."""
+        axis = DIMS.index(dim)
+        coordinate = list(self.coordinate)
+        coordinate[axis] = (coordinate[axis] + offset) % self.grid.shape[axis]
+        return int(self.grid[tuple(coordinate)])
 
-    @property
-    def prev_stage_rank(self) -> int:
-        """Global rank of the previous pipeline stage (wrapping around)."""
-        return self._pp_ranks[(self.pp_rank - 1) % self.config.pp]
-
-    @property
-    def cp_next_rank(self) -> int:
-        """Global rank of the next context-parallel rank on the ring."""
-        return self._cp_ranks[(self.cp_rank + 1) % self.config.cp]
-
-    @property
-    def cp_prev_rank(self) -> int:
-        """Global rank of the previous context-parallel rank on the ring."""
-        return self._cp_ranks[(self.cp_rank - 1) % self.config.cp]
+    # Pipeline neighbours wrap around, as interleaved schedules need; the CP ring is a ring.
+    next_stage_rank = property(lambda self: self.neighbour("pp", 1))
+    prev_stage_rank = property(lambda self: self.neighbour("pp", -1))
+    cp_next_rank = property(lambda self: self.neighbour("cp", 1))
+    cp_prev_rank = property(lambda self: self.neighbour("cp", -1))
 
     @cached_property
     def device(self) -> torch.device:
