@@ -18,6 +18,7 @@ Nothing here is module-level global state: code that needs the grid receives a `
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -103,11 +104,13 @@ class ParallelConfig:
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> None:
     """Initialises the default process group from torchrun/srun environment variables (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT) with a finite timeout, so a rank that dies makes the others fail instead of
-    hanging. Backend: NCCL when CUDA is available, else gloo."""
+    MASTER_ADDR, MASTER_PORT; LOCAL_RANK picks the GPU) with a finite timeout, so a rank that dies makes
+    the others fail instead of hanging. Backend: NCCL when CUDA is available, else gloo."""
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":  # one device per process, chosen by the launcher's local rank
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
