@@ -167,6 +167,9 @@ class TrainConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stages: stage names must be unique, got {names}")
+        if self.optim.warmup_steps > self.total_steps:
+            raise ConfigError(f"optim.warmup_steps: {self.optim.warmup_steps} is more than the run's "
+                              f"{self.total_steps} steps")
         try:
             ModelConfig.from_dict(self.model)
         except ValueError as err:
