@@ -151,7 +151,8 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
 
 @torch.no_grad()
 def forward_only(parallel: ParallelState, chunks: list[nn.Module], microbatches: list[Any],
-                 forward_step: Callable[[int, nn.Module, torch.Tensor | None, Any], torch.Tensor]) -> list[torch.Tensor]:
+                 forward_step: Callable[[int, nn.Module, torch.Tensor | None, Any], torch.Tensor],
+                 ) -> list[torch.Tensor]:
     """Forward of every micro-batch through the pipeline without gradients (evaluation), in the training
     schedule's forward order. Returns the per-micro-batch outputs of the last stage (e.g. losses) on the
     rank holding it, [] elsewhere."""

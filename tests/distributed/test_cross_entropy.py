@@ -39,7 +39,8 @@ def _linear_case(sequence_parallel):
     for reduction in ("mean", "sum", "none"):
         for z in (0.0, 1e-2):
             ref_loss, ref_gh, ref_gw = _reference(hidden, weight, labels, upstream, reduction, z)
-            h = (scatter_to_sequence(hidden, parallel.tp_group) if sequence_parallel else hidden).clone().requires_grad_()
+            h = scatter_to_sequence(hidden, parallel.tp_group) if sequence_parallel else hidden
+            h = h.clone().requires_grad_()
             w = weight.chunk(2)[parallel.tp_rank].clone().requires_grad_()
             loss = vocab_parallel_linear_cross_entropy(h, w, labels, parallel, reduction=reduction,
                                                        z_loss_weight=z, chunk_size=3)

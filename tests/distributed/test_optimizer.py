@@ -81,7 +81,8 @@ def _clip_case():
     """A TP-sharded layer and a TP-replicated vector on 2 ranks: the norm counts each element once."""
     parallel = worker_state(ParallelConfig(tp=2))
     g = torch.Generator().manual_seed(3)
-    full_col, full_row, vec = torch.randn(6, 4, generator=g), torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+    full_col, full_row = torch.randn(6, 4, generator=g), torch.randn(4, 6, generator=g)
+    vec = torch.randn(4, generator=g)
     col = ColumnParallelLinear(4, 6, parallel=parallel)
     row = RowParallelLinear(6, 4, parallel=parallel)
     replicated = torch.nn.Parameter(torch.zeros(4))
