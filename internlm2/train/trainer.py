@@ -373,7 +373,10 @@ class Trainer:
             return self.checkpoints.save(self.state.step, lambda d: ckpt.save(d, self))
 
     def _resume(self) -> Path | None:
-        source = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else self.checkpoints.latest()
+        # The run's own latest checkpoint wins: `checkpoint.load` only seeds a run that has none yet.
+        source = self.checkpoints.latest()
+        if source is None and self.cfg.checkpoint.load:
+            source = Path(self.cfg.checkpoint.load)
         if source is None:
             return None
         ckpt.load(source, self)
