@@ -23,6 +23,7 @@ TP-replicated buckets count on TP rank 0, stages add up over PP. The update is t
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
@@ -108,6 +109,11 @@ class DistributedOptimizer:
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         if len({id(p) for _, p in named}) != len(named):
             raise ValueError("DistributedOptimizer: a parameter is listed twice (tied weights are not supported)")
+        for name, p in named:  # two optimizers' hooks on one parameter would steal each other's gradients
+            owner = getattr(p, "_distributed_optimizer", None)
+            if owner is not None and owner() is not None:
+                raise ValueError(f"DistributedOptimizer: parameter {name} already belongs to another "
+                                 "DistributedOptimizer; call its remove_hooks() first")
         self.buckets = self._make_buckets(named, bucket_elements, no_decay)
         sharded = mode == "zero1"
         shards = parallel.zero_size if sharded else 1
@@ -119,6 +125,7 @@ class DistributedOptimizer:
             for i, (_, p) in enumerate(bucket.params):
                 self._where[p] = (bucket, i)
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulate))
+                p._distributed_optimizer = weakref.ref(self)
         self.step_count = 0
         self._reduced = False
         self._norm: torch.Tensor | None = None  # of the current reduced gradients
@@ -314,7 +321,10 @@ class DistributedOptimizer:
             bucket.master.copy_(bucket.flat_params()[bucket.lo:bucket.hi])
 
     def remove_hooks(self) -> None:
+        """Detaches the optimizer from its parameters (their gradients go back to `.grad`)."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for p in self._where:
+            p._distributed_optimizer = None
 

@@ -52,3 +52,9 @@ def test_layout_matches_single_process(tp, pp, dp, sp, v):
     config = ParallelConfig(tp=tp, pp=pp, dp=dp, sequence_parallel=sp, virtual_stages=v)
     # ZeRO-1 with its reductions overlapped with the backward (test_optimizer covers the unoverlapped path)
     _check(run_distributed(config.world_size, distributed_run, config, overlap=True))
+
+
+@pytest.mark.world_size(2)
+def test_explicit_uneven_stage_layout_matches_single_process():
+    config = ParallelConfig(pp=2, stage_layout=((0,), (1, 2, 3)))  # embedding + 1 layer | 3 layers + head
+    _check(run_distributed(config.world_size, distributed_run, config))

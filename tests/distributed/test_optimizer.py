@@ -103,3 +103,14 @@ def _clip_case():
 @pytest.mark.world_size(2)
 def test_clip_grad_norm_counts_replicated_parameters_once():
     run_distributed(2, _clip_case)
+
+
+def test_a_parameter_belongs_to_one_optimizer_at_a_time():
+    param = torch.nn.Parameter(torch.zeros(3))
+    first = DistributedOptimizer([("w", param)], ParallelState.single())
+    with pytest.raises(ValueError, match="parameter w already belongs to another DistributedOptimizer"):
+        DistributedOptimizer([("w", param)], ParallelState.single())
+    first.remove_hooks()
+    second = DistributedOptimizer([("w", param)], ParallelState.single())
+    (param * torch.arange(3.0)).sum().backward()
+    assert param.grad is None and torch.equal(second.full_grads()["w"], torch.arange(3.0))
