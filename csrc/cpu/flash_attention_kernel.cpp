@@ -46,7 +46,7 @@ using attention::token_head_offset;
 using attention::visible_keys;
 
 constexpr int64_t kBlockQ = 64;   // query rows per tile
-constexpr int64_t kBlockK = 128;  // keys per tile
+constexpr int64_t kBlockK = 256;  // keys per tile (64 x 256 measured fastest on Zen 5, fp32 and bf16)
 
 // C[m, n] (+)= A[m, k] B[k, n], float32, row-major with leading dimensions.
 inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
