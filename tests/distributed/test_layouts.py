@@ -1,4 +1,5 @@
-"""Every parallel layout trains the tiny InternLM2 exactly like one process (fp32, within 1e-5)."""
+"""Every parallel layout (TP, SP, PP incl. interleaved and an uneven layout, DP with ZeRO-1, CP) trains the
+tiny InternLM2 exactly like one process (fp32, within 1e-5)."""
 
 import functools
 
@@ -36,20 +37,26 @@ def _check(results):
             torch.testing.assert_close(w, ref["weights"][name], **WEIGHT_TOL, msg=lambda m, n=name: f"weight {n}: {m}")
 
 
-LAYOUTS = [  # (tp, pp, dp, sequence_parallel, virtual_stages), grouped by world size (one spawned pool each)
-    (2, 1, 1, False, 1), (2, 1, 1, True, 1), (1, 2, 1, False, 1), (1, 2, 1, False, 2), (1, 1, 2, False, 1),
-    (2, 2, 1, False, 1), (2, 2, 1, True, 1), (2, 1, 2, True, 1), (1, 2, 2, False, 1),
-    (2, 2, 2, False, 1), (2, 2, 2, True, 2),
+LAYOUTS = [  # (tp, pp, dp, cp, sequence_parallel, virtual_stages), grouped by world size (one spawned pool each)
+    (2, 1, 1, 1, False, 1), (2, 1, 1, 1, True, 1), (1, 2, 1, 1, False, 1), (1, 2, 1, 1, False, 2),
+    (1, 1, 2, 1, False, 1), (1, 1, 1, 2, False, 1),
+    (2, 2, 1, 1, False, 1), (2, 2, 1, 1, True, 1), (2, 1, 2, 1, True, 1), (1, 2, 2, 1, False, 1),
+    (2, 1, 1, 2, True, 1), (1, 2, 1, 2, False, 1), (1, 1, 2, 2, False, 1),
+    (2, 2, 2, 1, False, 1), (2, 2, 2, 1, True, 2), (2, 2, 1, 2, True, 2),
 ]
 
 
-@pytest.mark.parametrize("tp,pp,dp,sp,v", [
-    pytest.param(*layout, marks=pytest.mark.world_size(layout[0] * layout[1] * layout[2]),
-                 id=f"tp{layout[0]}-pp{layout[1]}-dp{layout[2]}{'-sp' if layout[3] else ''}"
-                    f"{f'-v{layout[4]}' if layout[4] > 1 else ''}")
+def _layout_id(tp, pp, dp, cp, sp, v):
+    extras = (f"-cp{cp}" if cp > 1 else "") + ("-sp" if sp else "") + (f"-v{v}" if v > 1 else "")
+    return f"tp{tp}-pp{pp}-dp{dp}{extras}"
+
+
+@pytest.mark.parametrize("tp,pp,dp,cp,sp,v", [
+    pytest.param(*layout, marks=pytest.mark.world_size(layout[0] * layout[1] * layout[2] * layout[3]),
+                 id=_layout_id(*layout))
     for layout in LAYOUTS])
-def test_layout_matches_single_process(tp, pp, dp, sp, v):
-    config = ParallelConfig(tp=tp, pp=pp, dp=dp, sequence_parallel=sp, virtual_stages=v)
+def test_layout_matches_single_process(tp, pp, dp, cp, sp, v):
+    config = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, sequence_parallel=sp, virtual_stages=v)
     # ZeRO-1 with its reductions overlapped with the backward (test_optimizer covers the unoverlapped path)
     _check(run_distributed(config.world_size, distributed_run, config, overlap=True))
 

@@ -23,8 +23,9 @@ from internlm2.parallel.tensor_parallel import gather_tensor
 STEPS = 3
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-2, (0.9, 0.95), 1e-8, 0.1
 MAX_GRAD_NORM = 0.5  # below the tiny model's first norms (~1-3), so clipping is exercised
-# Packed rows of varying length (all even, so sequence parallel over 2 ranks splits them): (cu_seqlens).
-ROWS = [(0, 5, 16), (0, 12), (0, 3, 8), (0, 7, 9, 16)]
+# Packed rows of varying length (cu_seqlens); every sequence a multiple of 4 tokens, so sequence parallel
+# over 2 ranks and context parallel's zigzag split over 2 ranks (2 * cp chunks per sequence) both apply.
+ROWS = [(0, 4, 16), (0, 12), (0, 8), (0, 8, 12, 16)]
 
 
 def tiny_config():
@@ -59,11 +60,16 @@ def initial_weights(config) -> dict[str, torch.Tensor]:
 
 
 def stage_loss(stage: InternLM2ForCausalLM, hidden: torch.Tensor | None, mb: Microbatch) -> torch.Tensor:
-    """One model chunk on one micro-batch: the loss on the chunk with the head, else its hidden states."""
+    """One model chunk on one micro-batch: the loss on the chunk with the head, else its hidden states.
+
+    The loss is the row's mean token loss. Under context parallelism each CP rank holds a share of the
+    tokens (ignored positions unevenly spread), so it returns cp x (its loss sum) / (the row's target
+    count): gradients averaged over DP x CP then equal the whole row's mean."""
     inputs = {"input_ids": mb.input_ids} if hidden is None else {"hidden_states": hidden}
     if not stage.with_head:
         return stage(**inputs, cu_seqlens=mb.cu_seqlens).hidden_states
-    return stage(**inputs, cu_seqlens=mb.cu_seqlens, labels=mb.labels).loss
+    loss_sum = stage(**inputs, cu_seqlens=mb.cu_seqlens, labels=mb.labels, loss_reduction="sum").loss
+    return loss_sum * (stage.parallel.cp_size / (mb.labels != -100).sum())
 
 
 def reference_run(steps: int = STEPS) -> dict:
@@ -168,7 +174,11 @@ def merge_ranks(results: list[dict]) -> dict:
     rank 0's after checking), gradients and weights merged over pipeline stages."""
     loss_ranks = [r["losses"] for r in results if r["losses"]]
     steps = len(results[0]["norms"])
-    eval_ranks = {r["coordinate"][1]: r["eval_losses"] for r in results if r["eval_losses"]}  # by DP rank
+    by_dp: dict[int, list] = {}  # DP rank -> eval losses of its last-stage ranks (TP copies, CP shares)
+    for r in results:
+        if r["eval_losses"]:
+            by_dp.setdefault(r["coordinate"][1], []).append(torch.tensor(r["eval_losses"]))
+    eval_ranks = {d: torch.stack(v).mean(0).tolist() for d, v in by_dp.items()}
     merged = {
         "losses": [sum(r[s] for r in loss_ranks) / len(loss_ranks) for s in range(steps)],
         "eval_losses": [x for d in sorted(eval_ranks) for x in eval_ranks[d]],
