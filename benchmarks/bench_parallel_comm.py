@@ -9,9 +9,11 @@ what rank 0 sends next to what Megatron-LM's analysis predicts for the same layo
   (2 forward after the row-parallel layers, 2 backward at the column-parallel inputs), plus one forward
   (embedding) and one backward (head input) per micro-batch on the first/last stage.
 - TP with SP: each of those all-reduces becomes a reduce-scatter + an all-gather of A (same bytes).
-- DP: one all-reduce of the gradients (DDP), or a reduce-scatter of the gradients plus an all-gather of
+- DP (x CP): one all-reduce of the gradients (DDP), or a reduce-scatter of the gradients plus an all-gather of
   the parameters (ZeRO-1); ring wire bytes 2(d-1)/d x the gradient bytes in both cases.
 - PP: A (A/tp with SP) forward and A backward per micro-batch across each stage boundary.
+- CP (ring attention): each layer passes its local K and V round the ring cp-1 times forward, and their
+  gradients cp-1 times backward: 4 (cp-1) x tokens/cp x kv_heads x head_dim per layer per micro-batch.
 
     python -m benchmarks.bench_parallel_comm
 """
@@ -40,6 +42,7 @@ LAYOUTS = {  # name: (ParallelConfig, optimizer mode)
     "dp2 ddp": (ParallelConfig(dp=2), "ddp"),
     "dp2 zero1": (ParallelConfig(dp=2), "zero1"),
     "pp2": (ParallelConfig(pp=2), "ddp"),
+    "cp2": (ParallelConfig(cp=2), "ddp"),
     "tp2 pp2 dp2 sp zero1": (ParallelConfig(tp=2, pp=2, dp=2, sequence_parallel=True), "zero1"),
 }
 MiB = 2 ** 20
@@ -47,7 +50,7 @@ MiB = 2 ** 20
 
 def _group_names(parallel) -> dict:
     names = {}
-    for name in ("tp", "dp_cp", "zero", "zero_replica", "pp_bwd", "pp"):  # later names win on shared groups
+    for name in ("tp", "cp", "dp_cp", "zero", "zero_replica", "pp_bwd", "pp"):  # later names win on shared groups
         group = getattr(parallel, f"{name}_group")
         if group is not None:
             names[group] = {"dp_cp": "dp", "zero": "dp", "zero_replica": "dp replicas", "pp_bwd": "pp"}.get(name, name)
@@ -107,12 +110,16 @@ def megatron(config: ParallelConfig, mode: str, rank0: dict) -> dict:
         else:
             pred[("tp", "all_reduce")] = (tp_calls, tp_calls * act)
     grads = rank0["params"] * 4
-    if config.dp > 1:
+    if config.dp * config.cp > 1:  # gradients are averaged over DP x CP
         if mode == "ddp":
             pred[("dp", "all_reduce")] = (None, grads)
         else:
             pred[("dp", "reduce_scatter")] = (None, grads)
             pred[("dp", "all_gather")] = (None, grads)
+    if config.cp > 1:
+        head_dim = MODEL["hidden_size"] // MODEL["num_attention_heads"]
+        kv = TOKENS // config.cp * MODEL["num_key_value_heads"] * head_dim * 4
+        pred[("cp", "send")] = (None, m * rank0["layers"] * 4 * (config.cp - 1) * kv)
     if config.pp > 1:
         sent = act // (config.tp if config.sequence_parallel else 1)
         pred[("pp", "send")] = (None, m * sent)  # rank 0 (first stage): forward sends only
@@ -128,6 +135,11 @@ def main() -> None:
         "step (split over DP); numbers are rank 0's sends for one step",
         "payload: tensor bytes handed to the collective; wire: ring-algorithm bytes one rank sends",
         "DP predictions use this rank's parameter count (padding to the shard count adds a few bytes)",
+        "TP rows above 1.0 come from the model's own structure, not the layers: its FeedForward sends w1's and "
+        "w3's inputs into the TP region separately (5 activation collectives per layer, Megatron's fused "
+        "gate/up needs 4 = 18/22 of the total); `column_parallel_input` + `input_prepared=True` shares one",
+        "small all-reduces (cross-entropy statistics, grad norm, SP norm-weight gradients) are not in the "
+        "activation formulas; they show as their own rows where their collective type differs",
     ]
     for name, (config, mode) in LAYOUTS.items():
         results = run_distributed(config.world_size, _step, config, mode, timeout_s=600)
