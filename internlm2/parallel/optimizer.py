@@ -7,13 +7,18 @@ registration order (roughly the order backward produces them) up to `bucket_elem
 tensor-parallel (sharded) with TP-replicated parameters or parameter groups, so each bucket is reduced,
 counted in the norm and updated as one flat tensor.
 
-Reduction (`reduce_grads`). Under sequence parallel, TP-replicated parameters (norms) saw only their
-rank's tokens, so their buckets are first all-reduced over TP. Then, over the DP x CP ranks:
+Reduction (`reduce_grads`), over the DP x CP ranks:
 - "ddp": all-reduce each bucket, divide by dp*cp; every rank updates everything (the reference mode).
 - "zero1": reduce-scatter each bucket over the ZeRO group (`zero1_size` consecutive DP x CP ranks), then
   all-reduce the shard over the replica group when zero1_size < dp*cp (InternEvo's in-node `zero1`);
   each rank keeps the float32 master weights and AdamW moments of its shard only, updates them, and
   all-gathers the updated parameters within the ZeRO group.
+Under sequence parallel, TP-replicated parameters (norms) saw only their rank's tokens: their reduced
+shards are then summed over TP. With `run_pipeline(..., grad_sync=optimizer.grad_sync)` each bucket's
+reduction starts asynchronously as soon as the last backward has produced all its gradients.
+
+Checkpoints: `per_param_state()` / `load_per_param_state()` give and take every parameter's master weight
+and moments by name in the parameter's shape, independent of ZeRO sharding and bucketing.
 
 Norm and clipping count every element once (see grad_norm.py): shards add up over the ZeRO group,
 TP-replicated buckets count on TP rank 0, stages add up over PP. The update is torch.optim.AdamW's
