@@ -10,7 +10,9 @@ Execution. `run_pipeline(parallel, chunks, microbatches, forward_step)` runs thi
 virtual stages). `forward_step(chunk_index, module, inputs, microbatch)` runs one chunk on one
 micro-batch: `inputs` is None on global stage 0, else the activation received from the previous stage;
 it returns the activation to send on, or the micro-batch's loss (a scalar) on the last stage. Each loss is
-scaled by 1/num_microbatches before its backward, so gradients are those of the mean loss.
+scaled by 1/num_microbatches before its backward, so gradients are those of the mean loss. `grad_sync`
+(the optimizer's) wraps each chunk's last backward so gradient reduction overlaps the rest; `timeline`
+records each action's compute span. `forward_only` runs the forwards alone (evaluation).
 
 Messages. Activations travel on `parallel.pp_fwd_group`, gradients on `parallel.pp_bwd_group`: two
 communicators, so that on each (sender, receiver) channel messages arrive in the order they were sent,
