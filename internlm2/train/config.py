@@ -138,6 +138,9 @@ class SampleConfig:
 
     prompt: str = "def "
     max_new_tokens: int = 48
+    temperature: float = 0.8  # 0: greedy
+    top_p: float = 0.95
+    seed: int = 0
 
 
 @dataclass

@@ -26,10 +26,12 @@ import torch.distributed as dist
 
 from internlm2.config import save_yaml
 from internlm2.data import Tokenizer
+from internlm2.data.packing import pad_pieces
 from internlm2.model import InternLM2ForCausalLM, ModelConfig
 from internlm2.parallel import ParallelConfig, ParallelState, init_distributed
 from internlm2.parallel.optimizer import DistributedOptimizer
-from internlm2.parallel.pipeline import local_stages, run_pipeline
+from internlm2.parallel.pipeline import forward_only, local_stages, run_pipeline
+from internlm2.parallel.recompute import apply_activation_recompute
 from internlm2.parallel.tensor_parallel import local_shard
 from internlm2.train import checkpoint as ckpt
 from internlm2.train.checkpoint_dir import CheckpointDirectory, check_writable
@@ -122,6 +124,7 @@ class Trainer:
             for spec in local_stages(self.model_config.num_layers, self.parallel)
         ]
         self._init_weights()
+        apply_activation_recompute([layer for c in self.chunks for layer in c.model.layers.values()], cfg.recompute)
         o = cfg.optim
         self.optimizer = DistributedOptimizer(
             [(n, q) for c in self.chunks for n, q in c.named_parameters()], self.parallel, lr=o.lr, betas=o.betas,
@@ -154,11 +157,9 @@ class Trainer:
             if p.pp_size > 1 and rows < p.pp_size and p.virtual_stages > 1:
                 raise ValueError(f"stage {s.name}: interleaved pipelining needs at least pp={p.pp_size} "
                                  f"micro-batches per step, got {rows}")
-            if p.sequence_parallel and (s.seq_len * s.micro_batch_size) % p.tp_size:
+            if p.sequence_parallel and p.cp_size == 1 and (s.seq_len * s.micro_batch_size) % p.tp_size:
                 raise ValueError(f"stage {s.name}: sequence parallel needs seq_len * micro_batch_size = "
                                  f"{s.seq_len * s.micro_batch_size} divisible by tp={p.tp_size}")
-        if self.parallel.cp_size > 1:
-            raise ValueError("parallel.cp > 1: context parallelism is not supported by the trainer yet")
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -247,7 +248,7 @@ class Trainer:
             reset_peak_memory(self.device)
             start = time.perf_counter()
             with self.timers("data"):
-                mbs = [to_device(next(batches), self.device) for _ in range(accumulation)]
+                mbs = [self._prepare(next(batches)) for _ in range(accumulation)]
             result = self.train_step(mbs)
             seconds = time.perf_counter() - start
             state.step += 1
@@ -258,6 +259,16 @@ class Trainer:
                 logger.log(state.step, {"eval_loss": self.evaluate(eval_set, stage)})
             if state.stage_step == stage.steps or state.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
+
+    def _prepare(self, batch: dict) -> dict:
+        """A collated micro-batch on the device; under context parallelism every packed piece is padded so
+        it splits into 2*cp equal chunks (and each rank's share into TP shards under sequence parallel)."""
+        p = self.parallel
+        if p.cp_size > 1:
+            multiple = 2 * p.cp_size
+            batch = pad_pieces(batch, multiple, multiple * (p.tp_size if p.sequence_parallel else 1),
+                               self.tokenizer.pad_id)
+        return to_device(batch, self.device)
 
     def _schedule(self, stage: StageConfig) -> WarmupCosine:
         """This stage's learning rate by its own step: its own schedule, or its span of the run-wide one."""
@@ -275,23 +286,19 @@ class Trainer:
         counts = torch.tensor([tokens_here, sum(mb["input_ids"].numel() for mb in mbs),
                                sum(training_flops(self.shape, document_lengths(mb["cu_seqlens"])) for mb in mbs)],
                               dtype=torch.float64, device=self.device)
-        self._all_reduce(counts, p.dp_cp_group)
+        self._all_reduce(counts, p.dp_group)  # CP ranks hold the same rows: count them once
         target_tokens, tokens, flops = (int(x) for x in counts.tolist())
         # run_pipeline divides each micro-batch loss by their number and the optimizer averages gradients
-        # over DP x CP ranks: undo both, then divide by the global number of target tokens.
+        # over DP x CP ranks (a CP rank's loss covers its share of the rows' tokens): undo both, then divide
+        # by the global number of target tokens.
         scale = len(mbs) * p.dp_cp_size / max(target_tokens, 1)
-
-        def forward_step(_chunk_index, module, hidden, mb):
-            inputs = {"input_ids": mb["input_ids"]} if hidden is None else {"hidden_states": hidden}
-            packing = dict(cu_seqlens=mb["cu_seqlens"], position_ids=mb["position_ids"], max_seqlen=mb["max_seqlen"])
-            if not module.with_head:
-                return module(**inputs, **packing).hidden_states
-            return module(**inputs, **packing, labels=mb["labels"], loss_reduction="sum").loss * scale
 
         self.optimizer.zero_grad()
         with self.timers("forward_backward"):
-            losses = run_pipeline(p, self.chunks, mbs, forward_step)
-        # Mean token loss: the last stages hold sum * scale per micro-batch; TP ranks hold copies.
+            losses = run_pipeline(p, self.chunks, mbs, lambda _c, module, x, mb: self._stage_forward(module, x, mb, scale),
+                                  grad_sync=self.optimizer.grad_sync)
+        # Mean token loss: the last stages hold sum * scale per micro-batch (CP ranks: their shares); TP
+        # ranks hold copies.
         loss = torch.tensor(sum(float(x) for x in losses), dtype=torch.float64, device=self.device)
         self._all_reduce(loss)
         loss = float(loss) / (len(mbs) * p.dp_cp_size * p.tp_size)
@@ -342,7 +349,7 @@ class Trainer:
         for chunk in self.chunks:
             chunk.eval()
         for mb in eval_batches(dataset, stage.micro_batch_size, self.cfg.eval.batches, p.dp_rank, p.dp_size):
-            mb = to_device(mb, self.device)
+            mb = self._prepare(mb)
             loss_sum = self._forward_only(mb)
             if loss_sum is not None:
                 total[0] += loss_sum
@@ -350,22 +357,25 @@ class Trainer:
         for chunk in self.chunks:
             chunk.train()
         self._all_reduce(total)
-        # Loss sums come from last-stage ranks (TP copies); token counts from every rank of the layout.
+        # Loss sums come from last-stage ranks (TP copies, CP shares); every rank counted its DP share's
+        # tokens.
         return float(total[0] / p.tp_size / (total[1] / (p.tp_size * p.pp_size * p.cp_size)))
 
     def _forward_only(self, mb: dict) -> float | None:
         """Loss sum of one micro-batch through this rank's stages (pp > 1: activations over p2p)."""
-        from internlm2.parallel.pipeline import forward_only
-
-        def forward_step(_chunk_index, module, hidden, mb):
-            inputs = {"input_ids": mb["input_ids"]} if hidden is None else {"hidden_states": hidden}
-            packing = dict(cu_seqlens=mb["cu_seqlens"], position_ids=mb["position_ids"], max_seqlen=mb["max_seqlen"])
-            if not module.with_head:
-                return module(**inputs, **packing).hidden_states
-            return module(**inputs, **packing, labels=mb["labels"], loss_reduction="sum").loss
-
-        losses = forward_only(self.parallel, self.chunks, [mb], forward_step)
+        losses = forward_only(self.parallel, self.chunks, [mb], lambda _c, module, x, mb: self._stage_forward(module, x, mb))
         return float(losses[0]) if losses else None
+
+    @staticmethod
+    def _stage_forward(module, hidden: torch.Tensor | None, mb: dict, loss_scale: float = 1.0) -> torch.Tensor:
+        """One model chunk on one micro-batch: hidden states for the next stage, or on the last stage the
+        sum of the token losses times `loss_scale`."""
+        inputs = {"input_ids": mb["input_ids"]} if hidden is None else {"hidden_states": hidden}
+        # Positions restart at every packed piece, which the model derives from cu_seqlens.
+        packing = dict(cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"])
+        if not module.with_head:
+            return module(**inputs, **packing).hidden_states
+        return module(**inputs, **packing, labels=mb["labels"], loss_reduction="sum").loss * loss_scale
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:

@@ -114,3 +114,15 @@ def test_layout_independent_initialisation(data_dir, tmp_path):
         assert na == nb and torch.equal(pa, pb)
     wqkv = dict(a.chunks[0].named_parameters())["model.layers.0.attention.wqkv.weight"]
     assert abs(wqkv.std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_recompute_trains_identically(data_dir, tmp_path, mode):
+    overrides = {"stages.0.steps": 3, "stages.1.steps": 1, "checkpoint.every": 100}
+    plain = Trainer(from_dict(TrainConfig, tiny_config(data_dir, tmp_path / "plain", **overrides)))
+    plain.run()
+    recomputed = Trainer(from_dict(TrainConfig, tiny_config(data_dir, tmp_path / mode, recompute=mode, **overrides)))
+    recomputed.run()
+    a, b = plain.chunks[0].state_dict(), recomputed.chunks[0].state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)

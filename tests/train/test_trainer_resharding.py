@@ -28,3 +28,16 @@ def test_tp2_pp2_checkpoint_resumes_on_one_process_and_on_dp2(data_dir, tmp_path
         assert sorted(continued) == list(range(7, 11)), name
         for step in range(7, 11):
             assert abs(continued[step] - original[step]) <= 1e-5, (name, step, continued[step], original[step])
+
+
+def test_context_parallel_run_equals_one_process(data_dir, tmp_path):
+    """cp=2: every packed document is padded to split into 4 chunks; the loss over real tokens (and so the
+    training) must equal the unpadded single-process run."""
+    single, cp2 = tmp_path / "single", tmp_path / "cp2"
+    overrides = {"stages.0.steps": 3, "stages.1.steps": 2}
+    run_pretrain(write_config(tiny_config(data_dir, single, **overrides), tmp_path / "s.yaml"))
+    run_pretrain(write_config(tiny_config(data_dir, cp2, parallel={"cp": 2}, **overrides), tmp_path / "c.yaml"), nproc=2)
+    expected, got = losses(single), losses(cp2)
+    assert sorted(got) == sorted(expected) == list(range(1, 6))
+    for step in expected:
+        assert abs(got[step] - expected[step]) <= 1e-5, (step, got[step], expected[step])
