@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, cpu_peak_memory, median_time
+from benchmarks.harness import Report, cpu_peak_memory, load_note, median_time
 from internlm2 import ops
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 16, 4, 128
@@ -82,8 +82,16 @@ def run(dtypes, repeats: int) -> Report:
         "Flash attention CPU benchmark",
         ["case", "dtype", "pass", "impl", "ms", "GFLOP/s", "speedup vs SDPA", "peak MiB"],
     )
+    report.notes.append(load_note())
     report.notes.append(f"causal, Hq={HEADS_Q}, Hkv={HEADS_KV} (GQA 4), D={HEAD_DIM}; SDPA with enable_gqa=True")
     report.notes.append("GFLOP/s by FlashAttention's formula (causal halves the work; backward = 2.5x forward)")
+    # Memory first: cpu_peak_memory forks, and a child forked after this process ran OpenMP/MKL threads
+    # hangs in its first parallel region.
+    for dtype in dtypes:
+        for length in MEMORY_LENGTHS:
+            for impl, fn in (("internlm2", ours), ("SDPA", sdpa)):
+                report.add(f"1 x {length}", str(dtype).removeprefix("torch."), "fwd+bwd memory", impl, "", "", "",
+                           peak_bytes(fn, length, dtype) / 2**20)
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
         for case, (batch, length) in LAYOUTS.items():
@@ -95,10 +103,6 @@ def run(dtypes, repeats: int) -> Report:
                 f = flops(batch, length, backward)
                 report.add(case, name, pass_name, "internlm2", t_ours * 1e3, f / t_ours / 1e9, t_sdpa / t_ours, "")
                 report.add(case, name, pass_name, "SDPA", t_sdpa * 1e3, f / t_sdpa / 1e9, 1.0, "")
-        for length in MEMORY_LENGTHS:
-            for impl, fn in (("internlm2", ours), ("SDPA", sdpa)):
-                report.add(f"1 x {length}", name, "fwd+bwd memory", impl, "", "", "",
-                           peak_bytes(fn, length, dtype) / 2**20)
     return report
 
 

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from benchmarks.harness import Report, median_time
+from benchmarks.harness import Report, load_note, median_time
 from internlm2 import ops
 from internlm2.ops.rope import rotate_half
 
@@ -35,6 +35,7 @@ def inputs(layout: str, dtype):
 
 def run(repeats: int) -> Report:
     report = Report("RoPE CPU benchmark", ["x", "dtype", "pass", "impl", "ms", "speedup vs eager"])
+    report.notes.append(load_note())
     report.notes.append(f"T={TOKENS}, Hq={HEADS_KV * GROUP} ({HEADS_KV} KV heads x group {GROUP}), D={HEAD_DIM}")
     cos, sin = ops.rope_cos_sin(torch.arange(TOKENS), HEAD_DIM, 1e6)
     for layout in ("q contiguous", "q view of fused qkv"):

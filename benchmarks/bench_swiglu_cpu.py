@@ -10,7 +10,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, median_time
+from benchmarks.harness import Report, load_note, median_time
 from internlm2 import ops
 
 SHAPES = [(4096, 8192), (2048, 14336)]
@@ -22,6 +22,7 @@ IMPLEMENTATIONS = {
 
 def run(repeats: int) -> Report:
     report = Report("SwiGLU CPU benchmark", ["shape", "dtype", "pass", "impl", "ms", "speedup vs eager"])
+    report.notes.append(load_note())
     for shape in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             gate, up = (torch.randn(shape, dtype=dtype) for _ in range(2))
