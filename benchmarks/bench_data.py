@@ -14,7 +14,10 @@ above 1. The curriculum's 4k and 32k rows are timed for the loader alone.
 
 import argparse
 import itertools
+import os
+import resource
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,12 +42,25 @@ def corpus_texts(max_bytes: int | None) -> list[str]:
     return [text for span in spans for _, text in read_texts(span, "text", skips)]
 
 
+def with_cpu_time(fn, cpu: list[float]):
+    """`fn` that also appends the CPU seconds it used (this process and its workers) to `cpu`: on a shared
+    machine, CPU time shows the work done even when other jobs stretch the wall time."""
+
+    def timed():
+        before = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        fn()
+        after = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        cpu.append(sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before)))
+
+    return timed
+
+
 def bench_tokenizer_training(report: Report, texts: list[str], work: Path) -> Tokenizer:
     tokenizer = None
     for vocab in (2048, 8192):
         t0 = time.perf_counter()
         tokenizer = train_tokenizer(texts, work / f"tok{vocab}", vocab)
-        report.add("train tokenizer", f"trained {vocab}", "-", time.perf_counter() - t0, "-", "-")
+        report.add("train tokenizer", f"trained {vocab}", "-", time.perf_counter() - t0, "-", "-", "-")
     return tokenizer
 
 
@@ -63,9 +79,10 @@ def bench_preparation(report: Report, tokenizer: Tokenizer, label: str, max_byte
                 n += len(sp.encode(text, add_bos=True, add_eos=True))
         counted["tokens"] = n
 
-    base = median_time(plain_loop, warmup=1, repeats=repeats)
+    cpu: list[float] = []
+    base = median_time(with_cpu_time(plain_loop, cpu), warmup=1, repeats=repeats)
     tokens = counted["tokens"]
-    report.add("prepare", label, "plain SentencePiece loop", base, tokens / base, 1.0)
+    report.add("prepare", label, "plain SentencePiece loop", base, tokens / base, tokens / statistics.median(cpu), 1.0)
     for workers in (1, 2):
         out = work / f"prep-{label}-{workers}"
 
@@ -75,9 +92,10 @@ def bench_preparation(report: Report, tokenizer: Tokenizer, label: str, max_byte
                               PrepareOptions(max_bytes=max_bytes, shard_bytes=512 << 10), workers=workers)
             assert summary["num_tokens"] == tokens, (summary["num_tokens"], tokens)
 
-        seconds = median_time(run, warmup=1, repeats=repeats)
+        cpu = []
+        seconds = median_time(with_cpu_time(run, cpu), warmup=1, repeats=repeats)
         report.add("prepare", label, f"prepare, {workers} worker{'s' * (workers > 1)}", seconds, tokens / seconds,
-                   base / seconds)
+                   tokens / statistics.median(cpu), base / seconds)
 
 
 def bench_loader(report: Report, prepared: PreparedDataset, vocab_size: int, repeats: int) -> None:
@@ -93,7 +111,8 @@ def bench_loader(report: Report, prepared: PreparedDataset, vocab_size: int, rep
         tokens = seq_len * micro_batch
         load_s = median_time(load, warmup=3, repeats=max(20, repeats))
         if preset is None:  # the curriculum's lengths: the loader alone (a CPU step would take minutes)
-            report.add("loader", f"T={seq_len} B={micro_batch}", "packed rows + collate", load_s, tokens / load_s, "-")
+            report.add("loader", f"T={seq_len} B={micro_batch}", "packed rows + collate", load_s, tokens / load_s,
+                       "-", "-")
             continue
         model = InternLM2ForCausalLM(preset_config(preset, vocab_size=vocab_size, max_position_embeddings=seq_len))
 
@@ -105,9 +124,9 @@ def bench_loader(report: Report, prepared: PreparedDataset, vocab_size: int, rep
 
         step_s = median_time(train_step, warmup=1, repeats=repeats)
         report.add("loader", f"T={seq_len} B={micro_batch}", "packed rows + collate", load_s, tokens / load_s,
-                   step_s / load_s)
+                   "-", step_s / load_s)
         report.add("loader", f"T={seq_len} B={micro_batch}", f"{preset} fwd+bwd (the need)", step_s,
-                   tokens / step_s, 1.0)
+                   tokens / step_s, "-", 1.0)
 
 
 def main() -> None:
@@ -116,13 +135,14 @@ def main() -> None:
                         help="input bytes of the built-in corpus to use (default 4M)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    report = Report("data pipeline", ["bench", "case", "what", "median s", "tokens/s", "ratio"])
+    report = Report("data pipeline", ["bench", "case", "what", "median s", "tokens/s", "tokens/cpu-s", "ratio"])
     report.notes += [
         f"built-in corpus (stdlib sources), first {args.max_bytes} bytes; shards of 512 KiB of input",
-        "prepare ratio: speed-up over the plain loop; loader ratio: loader tokens/s over the step's tokens/s "
+        "tokens/cpu-s: tokens per CPU second of this process and its workers (median run)",
+        "prepare ratio: wall-time speed-up over the plain loop; loader ratio: loader tokens/s over the step's tokens/s "
         "(must stay >> 1)",
-        "the machine is shared with other engineers' jobs; 2 cores",
     ]
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         texts = corpus_texts(args.max_bytes)
@@ -135,6 +155,8 @@ def main() -> None:
             report.notes.append(f"InternLM2's tokenizer not found at {REAL_TOKENIZER}: its rows are missing")
         torch.manual_seed(0)
         bench_loader(report, PreparedDataset(work / "prep-trained 8192-1"), tokenizer.vocab_size, args.repeats)
+    report.notes.append(f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+                        f"(other jobs share the {os.cpu_count()} cores: worker speed-ups are bounded by them)")
     report.write("data")
 
 

@@ -104,6 +104,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def load_note() -> str:
+    """The machine's load when a CPU benchmark starts: on a shared machine it explains noisy times."""
+    return f"1-minute load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+
 def machine_tag() -> str:
     """Short file-name-safe tag for the machine: the GPU name or 'cpu'."""
     if torch.cuda.is_available():

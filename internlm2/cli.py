@@ -10,6 +10,8 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("internlm2.train.pretrain_command", "train a run of stages from a YAML config (resumes automatically)"),
+    "export": ("internlm2.train.export", "write a training checkpoint as an HF checkpoint (InternLM2 or Llama layout)"),
     "env": ("internlm2.env", "versions, how the extension was built, and which kernels each op has"),
     "plot": ("internlm2.train.plot", "draw a run's loss, learning-rate and throughput curves to a PNG"),
     "convert": ("internlm2.model.convert_command", "rewrite an HF checkpoint in the InternLM2 or Llama layout"),

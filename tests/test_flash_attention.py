@@ -83,9 +83,9 @@ def test_head_dims(head_dim, dtype):
 
 VARLEN_CASES = {
     "single-token-sequences": [1, 1, 1, 1],
-    "one-sequence": [257],
+    "one-sequence": [600],
     "many-short": [3, 5, 2, 7, 1, 4, 6, 2, 3, 5, 1, 8],
-    "unequal-across-tiles": [1, 63, 64, 65, 129, 200],
+    "unequal-across-tiles": [1, 63, 64, 65, 129, 255, 256, 257, 300],
     "empty-sequences": [0, 5, 0, 0, 9, 0],
     "fewer-tokens-than-sequences": [0, 1, 0, 2, 0, 0, 1, 0],
 }

@@ -46,7 +46,7 @@ using attention::token_head_offset;
 using attention::visible_keys;
 
 constexpr int64_t kBlockQ = 64;   // query rows per tile
-constexpr int64_t kBlockK = 128;  // keys per tile
+constexpr int64_t kBlockK = 256;  // keys per tile (64 x 256 measured fastest on Zen 5, fp32 and bf16)
 
 // C[m, n] (+)= A[m, k] B[k, n], float32, row-major with leading dimensions.
 inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
@@ -65,8 +65,34 @@ struct Dims {
 at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
 // [T, H, D] -> float32 [H, D, T]: the per-head transposed copy that turns Q K^T, dO V^T, P^T dO and
-// dS^T Q into row-major tile products.
-at::Tensor transposed_float(const at::Tensor& t) { return t.permute({1, 2, 0}).to(at::kFloat).contiguous(); }
+// dS^T Q into row-major tile products. Blocks of kTransposeTokens rows are read into L1 once and written
+// out as D contiguous runs (a generic strided copy is several times slower).
+constexpr int64_t kTransposeTokens = 64;
+
+template <typename T>
+void transpose_tokens(const T* src, int64_t tokens, int64_t heads, int64_t dim, float* dst) {
+  const int64_t blocks = ceil_div(tokens, kTransposeTokens);
+  at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t h = job / blocks, t0 = (job % blocks) * kTransposeTokens;
+      const int64_t n = std::min(kTransposeTokens, tokens - t0);
+      const T* in = src + token_head_offset(t0, h, heads, dim);
+      for (int64_t d = 0; d < dim; ++d) {
+        float* out = dst + (h * dim + d) * tokens + t0;
+        for (int64_t t = 0; t < n; ++t) out[t] = static_cast<float>(in[t * heads * dim + d]);
+      }
+    }
+  });
+}
+
+at::Tensor transposed_float(const at::Tensor& t) {
+  at::Tensor out = at::empty({t.size(1), t.size(2), t.size(0)}, t.options().dtype(at::kFloat));
+  INTERNLM2_DISPATCH_FLOAT_TYPES(t.scalar_type(), "flash_attention_transpose_cpu", [&] {
+    transpose_tokens<scalar_t>(t.const_data_ptr<scalar_t>(), t.size(0), t.size(1), t.size(2),
+                               out.mutable_data_ptr<float>());
+  });
+  return out;
+}
 
 struct WorkItem {
   int64_t seq;

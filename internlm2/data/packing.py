@@ -81,3 +81,29 @@ def collate_packed(rows: Sequence[dict[str, torch.Tensor]]) -> dict:
         "cu_seqlens": cu_seqlens,
         "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
     }
+
+
+def pad_pieces(batch: dict, multiple: int, total_multiple: int, pad_id: int) -> dict:
+    """`batch` (a `collate_packed` result) with every packed piece padded at its end to a multiple of
+    `multiple` tokens, and the last piece padded further until the total is a multiple of
+    `total_multiple`. Pad tokens are `pad_id` with no target (IGNORE_INDEX) and continue their piece's
+    positions; under causal attention the real tokens never see them, so the loss over real tokens is
+    unchanged. Context parallelism needs this: it splits every piece into 2*cp equal chunks."""
+    if multiple < 1 or total_multiple < 1:
+        raise ValueError(f"multiple {multiple} and total_multiple {total_multiple} must be positive")
+    cu = batch["cu_seqlens"].tolist()
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    padded = [-(-n // multiple) * multiple for n in lengths]
+    while sum(padded) % total_multiple:
+        padded[-1] += multiple
+    if padded == lengths:
+        return batch
+    parts = {"input_ids": [], "labels": [], "position_ids": []}
+    for start, n, m in zip(cu[:-1], lengths, padded):
+        pos = batch["position_ids"][start:start + n]
+        first = int(pos[0]) if n else 0
+        parts["input_ids"] += [batch["input_ids"][start:start + n], torch.full((m - n,), pad_id, dtype=batch["input_ids"].dtype)]
+        parts["labels"] += [batch["labels"][start:start + n], torch.full((m - n,), IGNORE_INDEX, dtype=batch["labels"].dtype)]
+        parts["position_ids"] += [pos, torch.arange(first + n, first + m, dtype=pos.dtype)]
+    cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(padded)]), dtype=torch.int32)
+    return {**{k: torch.cat(v) for k, v in parts.items()}, "cu_seqlens": cu_seqlens, "max_seqlen": max(padded)}

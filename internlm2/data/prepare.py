@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from internlm2.data.chat import ChatFormatError, conversation_tokens
 from internlm2.data.errors import DataError, Skips
-from internlm2.data.json_files import read_versioned_json, write_json_atomic
+from internlm2.data.files import read_versioned_json, write_json_atomic
 from internlm2.data.shards import Shard, ShardWriter, read_header
 from internlm2.data.sources import InputFile, Span, read_records, read_texts, resolve_inputs, spans_within
 from internlm2.data.tokenizer import Tokenizer

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from internlm2.data.errors import DataError
-from internlm2.data.json_files import read_versioned_json
+from internlm2.data.files import read_versioned_json
 from internlm2.data.prepare import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from internlm2.data.shards import Shard
 

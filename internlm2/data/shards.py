@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from internlm2.data.errors import DataError
-from internlm2.data.json_files import read_versioned_json, write_json_atomic
+from internlm2.data.files import read_versioned_json, write_json_atomic
 
 FORMAT = "internlm2-token-shard"
 VERSION = 1

@@ -9,13 +9,13 @@ ids 3-8, which text can never produce by accident; `Tokenizer` splits them out o
 import io
 import itertools
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
 from internlm2.data.errors import DataError
+from internlm2.data.files import write_atomic
 from internlm2.data.tokenizer import CHAT_TOKENS, MODEL_FILE, Tokenizer
 
 # <unk>, <s>, </s>, the chat tokens and the 256 byte pieces come before any learned piece.
@@ -85,9 +85,6 @@ def train_tokenizer(documents: Iterable[str], out_dir: str | os.PathLike, vocab_
         raise DataError(f"SentencePiece training failed: {e} (a smaller --vocab-size or more text may help)") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    proto = model.getvalue()
-    with tempfile.NamedTemporaryFile(dir=out, prefix=".tokenizer.", delete=False) as tmp:
-        tmp.write(proto)
-    os.replace(tmp.name, out / MODEL_FILE)
-    return Tokenizer(proto, None, str(out / MODEL_FILE))
+    write_atomic(out / MODEL_FILE, model.getvalue())
+    return Tokenizer(model.getvalue(), None, str(out / MODEL_FILE))
 

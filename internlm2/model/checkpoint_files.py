@@ -156,9 +156,11 @@ def write_safetensors_shards(directory: Path, tensors: Iterable[tuple[str, torch
         shards.append(list(pending))
         pending, pending_bytes = {}, 0
 
+    seen: set[str] = set()
     for name, tensor in tensors:
-        if name in pending or any(name in shard for shard in shards):
+        if name in seen:
             raise CheckpointError(f"tensor {name} written twice")
+        seen.add(name)
         nbytes = tensor.numel() * tensor.element_size()
         if pending and pending_bytes + nbytes > max_shard_bytes:
             flush()

@@ -5,6 +5,10 @@ decoded one token per unfinished sequence per step against the cache. Only the l
 sequence goes through the vocabulary projection. When half of the rows still in the cache have finished,
 the cache is compacted to the unfinished ones, so long-tailed batches (PPO rollouts) do not keep paying
 for answers that ended early.
+
+With dynamic NTK scaling, a step whose sequences run past `max_position_embeddings` rotates its new
+query and key with the base of that length while cached keys keep the base they were written with, as
+HF's generate does (its tests pin this down token for token).
 """
 
 from __future__ import annotations
@@ -77,7 +81,10 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
 @torch.no_grad()
 def generate(model: InternLM2ForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(),
              generator: torch.Generator | None = None) -> GenerationResult:
-    """Continues every prompt (a list of token ids) by up to `params.max_new_tokens` tokens."""
+    """Continues every prompt (a list of token ids) by up to `params.max_new_tokens` tokens.
+
+    Under tensor parallelism every TP rank calls this with the same prompts and an identically seeded
+    `generator`: the logits are gathered, so all ranks draw the same tokens."""
     if not (model.with_embedding and model.with_head):
         raise ValueError("generate needs the whole model (a pipeline stage cannot generate on its own)")
     config = model.config

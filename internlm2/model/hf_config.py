@@ -39,7 +39,7 @@ _IGNORED = {
     "attn_implementation", "_attn_implementation", "_name_or_path", "name_or_path", "return_dict",
     "output_attentions", "output_hidden_states", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
     "is_encoder_decoder", "pretraining_tp", "tokenizer_class", "torchscript", "use_return_dict", "num_labels",
-    "quantization_config_none", "tf_legacy_loss", "use_bfloat16", "pruned_heads", "cross_attention_hidden_size",
+    "tf_legacy_loss", "use_bfloat16", "pruned_heads", "cross_attention_hidden_size",
     "add_cross_attention", "is_decoder", "tie_encoder_decoder", "finetuning_task", "prefix", "sep_token_id",
     "decoder_start_token_id", "task_specific_params",
 }

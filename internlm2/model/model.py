@@ -102,11 +102,6 @@ class InternLM2ForCausalLM(nn.Module):
     def with_head(self) -> bool:
         return self.output is not None
 
-    def set_kernels(self, name: str) -> None:
-        """Switches between `fused` and `reference` kernels (the config records the choice)."""
-        self.kernels = select_kernels(name)
-        self.config = self.config.replace(kernels=name)
-
     # ---- HF checkpoints (see pretrained.py)
     @classmethod
     def from_pretrained(cls, directory, **kwargs) -> "InternLM2ForCausalLM":

@@ -55,9 +55,9 @@ def read_tensors(reader: CheckpointReader, config: ModelConfig, fmt: str,
     The whole checkpoint is checked for missing and unexpected tensors first; then each tensor's shape as
     it is read. `names` restricts which of ours are produced (a pipeline stage's)."""
     expected = full_parameter_shapes(config)
-    needed = {src: ours for ours in expected for src in source_names(ours, fmt)}
+    needed = {src for ours in expected for src in source_names(ours, fmt)}
     present = {n for n in reader.names() if not IGNORED_SOURCE_TENSOR.match(n)}
-    missing, unexpected = sorted(set(needed) - present), sorted(present - set(needed))
+    missing, unexpected = sorted(needed - present), sorted(present - needed)
     if missing or unexpected:
         parts = [f"missing tensors: {_short_list(missing)}"] if missing else []
         parts += [f"unexpected tensors: {_short_list(unexpected)}"] if unexpected else []

@@ -19,8 +19,12 @@ from internlm2.ops._precision import accumulate_dtype
 _chunk_kernel = torch.ops.internlm2.cross_entropy_chunk_
 
 REDUCTIONS = ("mean", "sum", "none")
-# Logit elements per chunk: 2^24 float32 values (64 MiB) keeps the matmuls large and memory small.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Bytes of logits per chunk of tokens: large enough that the chunk matmuls run at full speed (on CPU, bf16
+# matmuls of a few hundred rows are several times slower than of a thousand), small next to full logits.
+DEFAULT_CHUNK_BYTES = 256 << 20
+# Vocabulary rows per partial weight gradient when it is accumulated in float32 (low-precision weights):
+# the partial is a cache-sized temporary instead of a second weight-sized one.
+WEIGHT_GRAD_BLOCK = 8192
 
 
 def _check_arguments(hidden, weight, labels, reduction, chunk_size, z_loss_weight):
@@ -62,11 +66,15 @@ def _chunked_pass(hidden, weight, labels, ignore_index, z_loss_weight, chunk_siz
         # `logits` now holds scale * d(loss)/d(logits).
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
-        if grad_weight is not None:
-            if grad_weight.dtype == logits.dtype:
-                grad_weight.addmm_(logits.t(), h)
-            else:
-                grad_weight.add_(logits.t() @ h)
+        if grad_weight is None:
+            continue
+        if grad_weight.dtype == logits.dtype:
+            grad_weight.addmm_(logits.t(), h)
+        else:
+            # Each chunk's partial is rounded once to the input dtype (as the unfused matmul rounds its
+            # result) and summed in float32; summing in bf16 would add a rounding per chunk.
+            for v0 in range(0, grad_weight.shape[0], WEIGHT_GRAD_BLOCK):
+                grad_weight[v0 : v0 + WEIGHT_GRAD_BLOCK].add_(logits[:, v0 : v0 + WEIGHT_GRAD_BLOCK].t() @ h)
     return losses
 
 
@@ -144,11 +152,11 @@ def linear_cross_entropy(
     reduction "mean" averages over the non-ignored tokens (0 when there are none), "sum" adds them up,
     "none" returns the per-token losses (0 for ignored tokens) with labels' shape. z_loss_weight adds
     z_loss_weight * logsumexp(logits)^2 per token (PaLM's z-loss). chunk_size: tokens per chunk (default:
-    as many as fit in 2^24 logits). The loss is float32; differentiable in hidden and weight.
+    as many as fit in 256 MiB of logits). The loss is float32; differentiable in hidden and weight.
     """
     _check_arguments(hidden, weight, labels, reduction, chunk_size, z_loss_weight)
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, weight.shape[0]))
+        chunk_size = max(1, DEFAULT_CHUNK_BYTES // (max(1, weight.shape[0]) * hidden.element_size()))
     loss = _LinearCrossEntropy.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), int(ignore_index), reduction,
         float(z_loss_weight), int(chunk_size),

@@ -72,6 +72,14 @@ def all_reduce(tensor: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def all_reduce_async(tensor: torch.Tensor, group):
+    """Starts an in-place sum all-reduce; returns its work (None for a size-1 group)."""
+    if group_size(group) == 1:
+        return None
+    _record("all_reduce", group, tensor)
+    return dist.all_reduce(tensor, group=group, async_op=True)
+
+
 def all_gather(tensor: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
     """Concatenation along `dim` of every rank's `tensor` (same shape on every rank), in rank order."""
     n = group_size(group)

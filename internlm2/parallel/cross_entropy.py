@@ -95,41 +95,46 @@ def _chunked_pass(hidden, weight, labels, vocab_start, group, ignore_index, z_lo
     return losses
 
 
+def _grad_buffers(ctx, hidden, weight):
+    """grad_hidden (hidden's dtype) and grad_weight (accumulated in float32 or wider), as needed."""
+    grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+    grad_weight = (torch.zeros(weight.shape, dtype=_accumulate(weight.dtype), device=weight.device)
+                   if ctx.needs_input_grad[1] else None)
+    return grad_hidden, grad_weight
+
+
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_start, group, ignore_index, reduction, z_loss_weight, chunk_size):
         ctx.args = (vocab_start, group, ignore_index, z_loss_weight, chunk_size)
-        ctx.reduction = reduction
-        if reduction == "none":
+        ctx.reduction, ctx.weight_dtype = reduction, weight.dtype
+        if reduction == "none":  # the per-token upstream gradient is unknown yet: recompute in backward
             ctx.save_for_backward(hidden, weight, labels)
             return _chunked_pass(hidden, weight, labels, *ctx.args, None, None, None)
         scale = (_mean_scale(labels, ignore_index, hidden.dtype) if reduction == "mean"
                  else torch.ones((), dtype=_accumulate(hidden.dtype), device=hidden.device))
-        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=_accumulate(weight.dtype), device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_hidden, grad_weight = _grad_buffers(ctx, hidden, weight)
+        want = grad_hidden is not None or grad_weight is not None
         losses = _chunked_pass(hidden, weight, labels, *ctx.args, scale if want else None, grad_hidden, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         return losses.sum() * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
-        none = (None,) * 7
         if ctx.reduction == "none":
             hidden, weight, labels = ctx.saved_tensors
-            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            grad_weight = torch.zeros(weight.shape, dtype=_accumulate(weight.dtype), device=weight.device) \
-                if ctx.needs_input_grad[1] else None
-            _chunked_pass(hidden, weight, labels, *ctx.args, grad_loss.to(_accumulate(hidden.dtype)).contiguous(), grad_hidden, grad_weight)
-            return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), *none)
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_hidden, grad_weight = _grad_buffers(ctx, hidden, weight)
+            upstream = grad_loss.to(_accumulate(hidden.dtype)).contiguous()
+            _chunked_pass(hidden, weight, labels, *ctx.args, upstream, grad_hidden, grad_weight)
+        else:
+            grad_hidden, grad_weight = ctx.saved_tensors
+            if grad_hidden is not None:
+                grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            if grad_weight is not None:
+                grad_weight = grad_weight * grad_loss
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return (grad_hidden, grad_weight, *none)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        return (grad_hidden, grad_weight, *(None,) * 7)
 
 
 def vocab_parallel_linear_cross_entropy(

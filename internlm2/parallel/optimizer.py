@@ -7,13 +7,18 @@ registration order (roughly the order backward produces them) up to `bucket_elem
 tensor-parallel (sharded) with TP-replicated parameters or parameter groups, so each bucket is reduced,
 counted in the norm and updated as one flat tensor.
 
-Reduction (`reduce_grads`). Under sequence parallel, TP-replicated parameters (norms) saw only their
-rank's tokens, so their buckets are first all-reduced over TP. Then, over the DP x CP ranks:
+Reduction (`reduce_grads`), over the DP x CP ranks:
 - "ddp": all-reduce each bucket, divide by dp*cp; every rank updates everything (the reference mode).
 - "zero1": reduce-scatter each bucket over the ZeRO group (`zero1_size` consecutive DP x CP ranks), then
   all-reduce the shard over the replica group when zero1_size < dp*cp (InternEvo's in-node `zero1`);
   each rank keeps the float32 master weights and AdamW moments of its shard only, updates them, and
   all-gathers the updated parameters within the ZeRO group.
+Under sequence parallel, TP-replicated parameters (norms) saw only their rank's tokens: their reduced
+shards are then summed over TP. With `run_pipeline(..., grad_sync=optimizer.grad_sync)` each bucket's
+reduction starts asynchronously as soon as the last backward has produced all its gradients.
+
+Checkpoints: `per_param_state()` / `load_per_param_state()` give and take every parameter's master weight
+and moments by name in the parameter's shape, independent of ZeRO sharding and bucketing.
 
 Norm and clipping count every element once (see grad_norm.py): shards add up over the ZeRO group,
 TP-replicated buckets count on TP rank 0, stages add up over PP. The update is torch.optim.AdamW's
@@ -23,7 +28,9 @@ TP-replicated buckets count on TP rank 0, stages add up over PP. The update is t
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -47,6 +54,10 @@ class _Bucket:
         self.params: list[tuple[str, nn.Parameter]] = []
         self.offsets: list[int] = []
         self.numel = 0
+        self.ready = 0  # parameters accumulated inside `grad_sync` this step
+        self.launched = False
+        self.inflight = None  # the running reduction's work
+        self.scattered: torch.Tensor | None = None  # reduce-scatter output, before the replica all-reduce
 
     def add(self, name: str, param: nn.Parameter) -> None:
         self.params.append((name, param))
@@ -103,6 +114,11 @@ class DistributedOptimizer:
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         if len({id(p) for _, p in named}) != len(named):
             raise ValueError("DistributedOptimizer: a parameter is listed twice (tied weights are not supported)")
+        for name, p in named:  # two optimizers' hooks on one parameter would steal each other's gradients
+            owner = getattr(p, "_distributed_optimizer", None)
+            if owner is not None and owner() is not None:
+                raise ValueError(f"DistributedOptimizer: parameter {name} already belongs to another "
+                                 "DistributedOptimizer; call its remove_hooks() first")
         self.buckets = self._make_buckets(named, bucket_elements, no_decay)
         sharded = mode == "zero1"
         shards = parallel.zero_size if sharded else 1
@@ -114,8 +130,12 @@ class DistributedOptimizer:
             for i, (_, p) in enumerate(bucket.params):
                 self._where[p] = (bucket, i)
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulate))
+                p._distributed_optimizer = weakref.ref(self)
         self.step_count = 0
         self._reduced = False
+        self._norm: torch.Tensor | None = None  # of the current reduced gradients
+        self._syncing = False
+        self.launched_in_backward = 0  # buckets whose reduction started during backward this step
 
     @staticmethod
     def _make_buckets(named, bucket_elements, no_decay) -> list[_Bucket]:
@@ -133,45 +153,88 @@ class DistributedOptimizer:
         bucket, i = self._where[param]
         bucket.grad_view(i).add_(param.grad)
         param.grad = None
-        self._reduced = False
+        self._reduced, self._norm = False, None
+        if self._syncing:
+            bucket.ready += 1
+            if bucket.ready == len(bucket.params):
+                self._launch(bucket)
+                self.launched_in_backward += 1
+
+    @contextmanager
+    def grad_sync(self):
+        """Inside, the last backward of a model chunk is running: each bucket whose parameters have all
+        received their gradient starts its DP reduction at once, asynchronously, overlapping the rest of
+        the backward. `run_pipeline(..., grad_sync=optimizer.grad_sync)` does this; without it the
+        reduction happens in `reduce_grads`."""
+        self._syncing = True
+        try:
+            yield
+        finally:
+            self._syncing = False
 
     # ---- gradients ------------------------------------------------------------------------------
     def zero_grad(self) -> None:
         for bucket in self.buckets:
+            self._wait(bucket)
             bucket.grad.zero_()
-        self._reduced = False
+            bucket.ready = 0
+        self._reduced, self._norm = False, None
+        self.launched_in_backward = 0
+
+    def _launch(self, bucket: _Bucket) -> None:
+        """Starts the bucket's DP x CP reduction: all-reduce (ddp), reduce-scatter over the ZeRO group,
+        or, with one rank per ZeRO group, the all-reduce over the replicas."""
+        parallel = self.parallel
+        if self.mode == "ddp":
+            bucket.inflight = comm.all_reduce_async(bucket.grad, parallel.dp_cp_group)
+        elif comm.group_size(parallel.zero_group) > 1:
+            bucket.scattered = torch.empty_like(bucket.shard_grad)
+            bucket.inflight = comm.reduce_scatter_flat(bucket.scattered, bucket.grad, parallel.zero_group,
+                                                       async_op=True)
+        else:
+            bucket.inflight = comm.all_reduce_async(bucket.shard_grad, parallel.zero_replica_group)
+        bucket.launched = True
+
+    def _wait(self, bucket: _Bucket) -> None:
+        if bucket.inflight is not None:
+            bucket.inflight.wait()
+            bucket.inflight = None
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
-        """Sums gradients over TP (replicated parameters under sequence parallel) and averages them over
-        DP x CP (all of each bucket in "ddp" mode, this rank's shard in "zero1" mode)."""
+        """Averages gradients over DP x CP (all of each bucket in "ddp" mode, this rank's shard in
+        "zero1" mode) and sums TP-replicated ones over TP under sequence parallel (on the reduced shard:
+        replicated buckets have the same layout on every TP rank)."""
         if self._reduced:
             return
         parallel = self.parallel
         for bucket in self.buckets:
-            if parallel.sequence_parallel and not bucket.tensor_parallel:
-                comm.all_reduce(bucket.grad, parallel.tp_group)
-            if self.mode == "ddp":
-                comm.all_reduce(bucket.grad, parallel.dp_cp_group)
-            else:
-                if comm.group_size(parallel.zero_group) > 1:
-                    shard = torch.empty_like(bucket.shard_grad)
-                    comm.reduce_scatter_flat(shard, bucket.grad, parallel.zero_group)
-                    bucket.shard_grad.copy_(shard)
+            if not bucket.launched:
+                self._launch(bucket)
+            self._wait(bucket)
+            if bucket.scattered is not None:
+                bucket.shard_grad.copy_(bucket.scattered)
+                bucket.scattered = None
                 comm.all_reduce(bucket.shard_grad, parallel.zero_replica_group)
+            if parallel.sequence_parallel and not bucket.tensor_parallel:
+                comm.all_reduce(bucket.shard_grad, parallel.tp_group)
             bucket.shard_grad.div_(parallel.dp_cp_size)
+            bucket.launched, bucket.ready = False, 0
         self._reduced = True
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients, every element counted once (float64 scalar)."""
         self.reduce_grads()
+        if self._norm is not None:
+            return self._norm
         local = torch.zeros((), dtype=torch.float64, device=self.parallel.device)
         for bucket in self.buckets:
             if counted_here(bucket.tensor_parallel, self.parallel):
                 local += torch.linalg.vector_norm(bucket.shard_grad, dtype=torch.float32).double().square()
         shard_group = self.parallel.zero_group if self.mode == "zero1" else None
-        return reduce_norm_squares(local, self.parallel, shard_group).sqrt()
+        self._norm = reduce_norm_squares(local, self.parallel, shard_group).sqrt()
+        return self._norm
 
     @torch.no_grad()
     def full_grads(self) -> dict[str, torch.Tensor]:
@@ -180,10 +243,7 @@ class DistributedOptimizer:
         self.reduce_grads()
         out = {}
         for bucket in self.buckets:
-            flat = bucket.grad
-            if self.mode == "zero1" and comm.group_size(self.parallel.zero_group) > 1:
-                flat = torch.empty_like(bucket.grad)
-                comm.all_gather_flat(flat, bucket.shard_grad.contiguous(), self.parallel.zero_group)
+            flat = self._gather_shard(bucket, bucket.shard_grad)
             for (name, p), off in zip(bucket.params, bucket.offsets):
                 out[name] = flat[off:off + p.numel()].view(p.shape).clone()
         return out
@@ -215,14 +275,49 @@ class DistributedOptimizer:
         bucket.master.addcdiv_(bucket.exp_avg, denom, value=-lr / (1 - beta1 ** t))
 
     def _write_params(self, bucket: _Bucket) -> None:
-        dtype = bucket.params[0][1].dtype
-        flat = bucket.master.to(dtype)
-        if self.mode == "zero1" and comm.group_size(self.parallel.zero_group) > 1:
-            full = torch.empty(bucket.padded, dtype=dtype, device=flat.device)
-            comm.all_gather_flat(full, flat, self.parallel.zero_group)
-            flat = full
+        flat = self._gather_shard(bucket, bucket.master.to(bucket.params[0][1].dtype))
         for (_, p), off in zip(bucket.params, bucket.offsets):
             p.copy_(flat[off:off + p.numel()].view_as(p))
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+    @torch.no_grad()
+    def per_param_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every parameter's float32 master weight and AdamW moments, by name, in the parameter's shape
+        (its TP shard), independent of the ZeRO sharding: a collective over the ZeRO group in "zero1"
+        mode. With `step_count`, this is what a reshardable checkpoint stores."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for bucket in self.buckets:
+            flats = {key: self._gather_shard(bucket, getattr(bucket, key)) for key in self.STATE_KEYS}
+            for (name, p), off in zip(bucket.params, bucket.offsets):
+                out[name] = {key: flat[off:off + p.numel()].view(p.shape).clone() for key, flat in flats.items()}
+        return out
+
+    @torch.no_grad()
+    def load_per_param_state(self, state: dict[str, dict[str, torch.Tensor]], step_count: int) -> None:
+        """Restores what `per_param_state` returned (possibly saved under another layout and resharded to
+        this rank's TP shapes); each rank keeps its ZeRO shard. Missing names or wrong shapes raise."""
+        for bucket in self.buckets:
+            for key in self.STATE_KEYS:
+                flat = torch.zeros(bucket.padded, dtype=torch.float32, device=bucket.master.device)
+                for (name, p), off in zip(bucket.params, bucket.offsets):
+                    if name not in state or key not in state[name]:
+                        raise KeyError(f"optimizer state: no {key!r} for parameter {name!r}")
+                    value = state[name][key]
+                    if tuple(value.shape) != tuple(p.shape):
+                        raise ValueError(f"optimizer state: {name}.{key} has shape {tuple(value.shape)}, "
+                                         f"expected {tuple(p.shape)}")
+                    flat[off:off + p.numel()] = value.reshape(-1).to(flat.device, torch.float32)
+                getattr(bucket, key).copy_(flat[bucket.lo:bucket.hi])
+        self.step_count = int(step_count)
+
+    def _gather_shard(self, bucket: _Bucket, shard: torch.Tensor) -> torch.Tensor:
+        if self.mode == "ddp" or comm.group_size(self.parallel.zero_group) == 1:
+            return shard
+        full = torch.empty(bucket.padded, dtype=shard.dtype, device=shard.device)
+        comm.all_gather_flat(full, shard.contiguous(), self.parallel.zero_group)
+        return full
 
     @torch.no_grad()
     def reload_master_weights(self) -> None:
@@ -231,7 +326,10 @@ class DistributedOptimizer:
             bucket.master.copy_(bucket.flat_params()[bucket.lo:bucket.hi])
 
     def remove_hooks(self) -> None:
+        """Detaches the optimizer from its parameters (their gradients go back to `.grad`)."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for p in self._where:
+            p._distributed_optimizer = None
 

@@ -10,7 +10,9 @@ Execution. `run_pipeline(parallel, chunks, microbatches, forward_step)` runs thi
 virtual stages). `forward_step(chunk_index, module, inputs, microbatch)` runs one chunk on one
 micro-batch: `inputs` is None on global stage 0, else the activation received from the previous stage;
 it returns the activation to send on, or the micro-batch's loss (a scalar) on the last stage. Each loss is
-scaled by 1/num_microbatches before its backward, so gradients are those of the mean loss.
+scaled by 1/num_microbatches before its backward, so gradients are those of the mean loss. `grad_sync`
+(the optimizer's) wraps each chunk's last backward so gradient reduction overlaps the rest; `timeline`
+records each action's compute span. `forward_only` runs the forwards alone (evaluation).
 
 Messages. Activations travel on `parallel.pp_fwd_group`, gradients on `parallel.pp_bwd_group`: two
 communicators, so that on each (sender, receiver) channel messages arrive in the order they were sent,
@@ -23,6 +25,7 @@ gradients have the shape of the activation they belong to.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -78,17 +81,19 @@ def _send_activation(x: torch.Tensor, parallel: ParallelState, pending: list) ->
     pending.append((comm.isend(payload, dst, group), payload))
 
 
-def _recv_activation(parallel: ParallelState) -> torch.Tensor:
+def _recv_activation(parallel: ParallelState, requires_grad: bool = True) -> torch.Tensor:
     group, src = parallel.pp_fwd_group, parallel.prev_stage_rank
     header = comm.recv(torch.empty(_HEADER_LEN, dtype=torch.int64, device=parallel.device), src, group,
                        parallel.timeout).tolist()
     ndim, dtype = header[0], _DTYPES[header[1]]
     x = torch.empty(header[2:2 + ndim], dtype=dtype, device=parallel.device)
-    return comm.recv(x, src, group, parallel.timeout).requires_grad_()
+    return comm.recv(x, src, group, parallel.timeout).requires_grad_(requires_grad)
 
 
 @dataclass
 class TimedAction:
+    """One action's compute span on this rank (after its input arrived), in time.perf_counter seconds."""
+
     action: Action
     start: float
     end: float
@@ -96,10 +101,13 @@ class TimedAction:
 
 def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches: list[Any],
                  forward_step: Callable[[int, nn.Module, torch.Tensor | None, Any], torch.Tensor],
-                 timeline: list[TimedAction] | None = None) -> list[torch.Tensor]:
+                 timeline: list[TimedAction] | None = None,
+                 grad_sync: Callable[[], AbstractContextManager] | None = None) -> list[torch.Tensor]:
     """Forward and backward of every micro-batch through this rank's chunks; gradients accumulate in the
     parameters' `.grad`. Returns the (unscaled, detached) per-micro-batch losses on the rank holding the
-    last stage, [] elsewhere. With `timeline`, appends each action's wall-clock span."""
+    last stage, [] elsewhere. With `timeline`, appends each action's compute span (waiting excluded).
+    `grad_sync` (e.g. `DistributedOptimizer.grad_sync`) wraps each chunk's last backward, so gradient
+    reduction can start while the remaining backwards run."""
     pp, v, m = parallel.pp_size, parallel.virtual_stages, len(microbatches)
     if len(chunks) != v:
         raise ValueError(f"run_pipeline: got {len(chunks)} model chunks, expected virtual_stages={v}")
@@ -108,12 +116,14 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     losses: dict[int, torch.Tensor] = {}
     pending: list = []  # (work, tensor kept alive until the send completes)
-    for action in build_schedule(parallel.pp_rank, pp, v, m):
-        start = time.perf_counter()
+    actions = build_schedule(parallel.pp_rank, pp, v, m)
+    last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind == "B"}
+    for index, action in enumerate(actions):
         stage = action.chunk * pp + parallel.pp_rank
         key = (action.chunk, action.microbatch)
         if action.kind == "F":
             x = None if stage == 0 else _recv_activation(parallel)
+            start = time.perf_counter()
             y = forward_step(action.chunk, chunks[action.chunk], x, microbatches[action.microbatch])
             if stage == last_stage:
                 if y.dim() != 0:
@@ -126,11 +136,10 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
             inputs[key], outputs[key] = x, y
         else:
             x, y = inputs.pop(key), outputs.pop(key)
-            if stage == last_stage:
-                torch.autograd.backward(y)
-            else:
-                grad = comm.recv(torch.empty_like(y), parallel.next_stage_rank, parallel.pp_bwd_group,
-                                 parallel.timeout)
+            grad = None if stage == last_stage else comm.recv(
+                torch.empty_like(y), parallel.next_stage_rank, parallel.pp_bwd_group, parallel.timeout)
+            start = time.perf_counter()
+            with grad_sync() if grad_sync is not None and last_backward[action.chunk] == index else nullcontext():
                 torch.autograd.backward(y, grad)
             if x is not None:
                 grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
@@ -140,3 +149,31 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
     for work, _ in pending:
         work.wait(parallel.timeout)
     return [losses[i] for i in sorted(losses)]
+
+
+@torch.no_grad()
+def forward_only(parallel: ParallelState, chunks: list[nn.Module], microbatches: list[Any],
+                 forward_step: Callable[[int, nn.Module, torch.Tensor | None, Any], torch.Tensor],
+                 ) -> list[torch.Tensor]:
+    """Forward of every micro-batch through the pipeline without gradients (evaluation), in the training
+    schedule's forward order. Returns the per-micro-batch outputs of the last stage (e.g. losses) on the
+    rank holding it, [] elsewhere."""
+    pp, v = parallel.pp_size, parallel.virtual_stages
+    if len(chunks) != v:
+        raise ValueError(f"forward_only: got {len(chunks)} model chunks, expected virtual_stages={v}")
+    last_stage = pp * v - 1
+    outputs: dict[int, torch.Tensor] = {}
+    pending: list = []
+    for action in build_schedule(parallel.pp_rank, pp, v, len(microbatches)):
+        if action.kind != "F":
+            continue
+        stage = action.chunk * pp + parallel.pp_rank
+        x = None if stage == 0 else _recv_activation(parallel, requires_grad=False)
+        y = forward_step(action.chunk, chunks[action.chunk], x, microbatches[action.microbatch])
+        if stage == last_stage:
+            outputs[action.microbatch] = y.detach()
+        else:
+            _send_activation(y, parallel, pending)
+    for work, _ in pending:
+        work.wait(parallel.timeout)
+    return [outputs[i] for i in sorted(outputs)]

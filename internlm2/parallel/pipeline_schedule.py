@@ -80,14 +80,16 @@ class Slot:
 
 
 def simulate(pp: int, virtual_stages: int, num_microbatches: int, forward_time: float = 1.0,
-             backward_time: float = 2.0) -> list[Slot]:
+             backward_time: float = 2.0, forward_only: bool = False) -> list[Slot]:
     """Runs every rank's action list against the data dependencies (a forward needs the previous stage's
     forward of that micro-batch, a backward the next stage's backward) with zero-cost communication.
 
-    Raises RuntimeError if the lists deadlock. Returns every action's time slot."""
+    `forward_only` keeps only the forwards (evaluation). Raises RuntimeError if the lists deadlock.
+    Returns every action's time slot."""
     v = virtual_stages
     last_stage = pp * v - 1
-    lists = [build_schedule(r, pp, v, num_microbatches) for r in range(pp)]
+    lists = [[a for a in build_schedule(r, pp, v, num_microbatches) if not forward_only or a.kind == "F"]
+             for r in range(pp)]
     done: dict[tuple[str, int, int], float] = {}  # (kind, stage, microbatch) -> finish time
     clock = [0.0] * pp
     position = [0] * pp

@@ -18,6 +18,7 @@ Nothing here is module-level global state: code that needs the grid receives a `
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -103,11 +104,13 @@ class ParallelConfig:
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> None:
     """Initialises the default process group from torchrun/srun environment variables (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT) with a finite timeout, so a rank that dies makes the others fail instead of
-    hanging. Backend: NCCL when CUDA is available, else gloo."""
+    MASTER_ADDR, MASTER_PORT; LOCAL_RANK picks the GPU) with a finite timeout, so a rank that dies makes
+    the others fail instead of hanging. Backend: NCCL when CUDA is available, else gloo."""
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":  # one device per process, chosen by the launcher's local rank
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
@@ -150,8 +153,10 @@ class ParallelState:
         self.mesh = init_device_mesh(
             self.device_type, tuple(self.grid.shape), mesh_dim_names=DIMS)
         self.pp_group, self.dp_group, self.cp_group, self.tp_group = (self.mesh.get_group(d) for d in DIMS)
+        if timeout is not None:  # the mesh's groups inherit the default group's timeout unless told otherwise
+            for group in (self.pp_group, self.dp_group, self.cp_group, self.tp_group):
+                dist.set_timeout(timeout, group)
         # Groups beyond the mesh's single dimensions. Every rank creates every group, in the same order.
-        p, d, c, t = self.coordinate
         g = self.grid
         dp_cp_lists = [g[pi, :, :, ti].flatten() for pi in range(config.pp) for ti in range(config.tp)]
         self.dp_cp_group = self._new_groups(dp_cp_lists, timeout)
@@ -164,7 +169,6 @@ class ParallelState:
         self.pp_bwd_group = self._new_groups(
             [g[:, di, ci, ti] for di in range(config.dp) for ci in range(config.cp) for ti in range(config.tp)],
             timeout)
-        self._pp_ranks = g[:, d, c, t].tolist()
 
     def _new_groups(self, rank_lists, timeout):
         """Creates one group per rank list (all ranks call this identically); returns this rank's."""
@@ -191,7 +195,6 @@ class ParallelState:
         self.timeout = None
         for name in ("pp", "dp", "cp", "tp", "dp_cp", "zero", "zero_replica", "pp_fwd", "pp_bwd"):
             setattr(self, f"{name}_group", None)
-        self._pp_ranks = [0]
         return self
 
     # sizes and ranks ------------------------------------------------------------------------------
@@ -230,15 +233,19 @@ class ParallelState:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.config.pp - 1
 
-    @property
-    def next_stage_rank(self) -> int:
-        """Global rank of the next pipeline stage (wrapping around, as interleaved schedules need)."""
-        return self._pp_ranks[(self.pp_rank + 1) % self.config.pp]
+    def neighbour(self, dim: str, offset: int) -> int:
+        """Global rank `offset` steps along grid dimension `dim` ("pp", "dp", "cp" or "tp"), wrapping
+        around, the other coordinates unchanged."""
+        axis = DIMS.index(dim)
+        coordinate = list(self.coordinate)
+        coordinate[axis] = (coordinate[axis] + offset) % self.grid.shape[axis]
+        return int(self.grid[tuple(coordinate)])
 
-    @property
-    def prev_stage_rank(self) -> int:
-        """Global rank of the previous pipeline stage (wrapping around)."""
-        return self._pp_ranks[(self.pp_rank - 1) % self.config.pp]
+    # Pipeline neighbours wrap around, as interleaved schedules need; the CP ring is a ring.
+    next_stage_rank = property(lambda self: self.neighbour("pp", 1))
+    prev_stage_rank = property(lambda self: self.neighbour("pp", -1))
+    cp_next_rank = property(lambda self: self.neighbour("cp", 1))
+    cp_prev_rank = property(lambda self: self.neighbour("cp", -1))
 
     @cached_property
     def device(self) -> torch.device:

@@ -76,16 +76,26 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _mark(nn.Parameter(torch.empty(self.out_per_rank, **factory)), 0) if bias else None
         _init_linear(self.weight, self.bias, fan_in=in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.parallel.tp_group
-        x = gather_from_sequence(x, group) if self.sequence_parallel else copy_to_region(x, group)
+    def forward(self, x: torch.Tensor, *, input_prepared: bool = False) -> torch.Tensor:
+        """`input_prepared=True`: `x` already went through `column_parallel_input` (shared by several
+        column-parallel layers reading the same activations, e.g. a SwiGLU's gate and up projections)."""
+        if not input_prepared:
+            x = column_parallel_input(x, self.parallel, self.sequence_parallel)
         y = F.linear(x, self.weight, self.bias)
-        return gather_from_region(y, group, -1) if self.gather_output else y
+        return gather_from_region(y, self.parallel.tp_group, -1) if self.gather_output else y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
                 f"({self.out_per_rank} per rank), bias={self.bias is not None}, "
                 f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
+
+
+def column_parallel_input(x: torch.Tensor, parallel: ParallelState, sequence_parallel: bool | None = None):
+    """Enters the TP region: all-gathers the token shards (sequence parallel) or marks the replicated input
+    so its gradient is summed over TP. Do it once for several column-parallel layers on the same input
+    (pass `input_prepared=True` to them) to avoid one collective per layer."""
+    group = parallel.tp_group
+    return gather_from_sequence(x, group) if _use_sp(parallel, sequence_parallel) else copy_to_region(x, group)
 
 
 class RowParallelLinear(nn.Module):

@@ -138,6 +138,9 @@ class SampleConfig:
 
     prompt: str = "def "
     max_new_tokens: int = 48
+    temperature: float = 0.8  # 0: greedy
+    top_p: float = 0.95
+    seed: int = 0
 
 
 @dataclass
@@ -167,6 +170,9 @@ class TrainConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stages: stage names must be unique, got {names}")
+        if self.optim.warmup_steps > self.total_steps:
+            raise ConfigError(f"optim.warmup_steps: {self.optim.warmup_steps} is more than the run's "
+                              f"{self.total_steps} steps")
         try:
             ModelConfig.from_dict(self.model)
         except ValueError as err:

@@ -27,6 +27,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
+import pytest
+
 _REGISTRY: dict[str, object] = {}  # decorated functions, by "module:qualname" (the name is the wrapper's)
 _STATE_CACHE: dict = {}  # inside a rank: ParallelConfig -> ParallelState
 _POOL: "_Pool | None" = None
@@ -191,7 +193,7 @@ def distributed(world_size: int, timeout_s: float = DEFAULT_CASE_TIMEOUT_S):
 
         test.__name__, test.__qualname__, test.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
         test.__module__ = fn.__module__
-        return test
+        return pytest.mark.world_size(world_size)(test)
 
     return wrap
 

@@ -57,6 +57,7 @@ def _bad_state_case():
         state_module.init_device_mesh, dist.new_group = saved
 
 
+@pytest.mark.world_size(2)
 def test_bad_layout_fails_on_every_rank_before_any_collective():
     run_distributed(2, _bad_state_case)
 
@@ -83,7 +84,24 @@ def _raise_on_rank_1_during_pipeline():
     run_pipeline(parallel, [torch.nn.Linear(4, 4)], [0, 1], forward_step)
 
 
-@pytest.mark.parametrize("case", [_raise_on_rank_1_during_all_reduce, _raise_on_rank_1_during_pipeline])
+STATE_TIMEOUT_S = 1.0
+
+
+def _raise_on_rank_1_during_tp_all_reduce_with_state_timeout():
+    """The state's own timeout (shorter than the default group's) governs its mesh groups."""
+    parallel = ParallelState(ParallelConfig(tp=2), timeout_s=STATE_TIMEOUT_S)
+    if parallel.rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(4), group=parallel.tp_group)
+    finally:
+        assert time.monotonic() - start < 2 * STATE_TIMEOUT_S < PG_TIMEOUT_S
+
+
+@pytest.mark.world_size(2, pool="short-timeout")
+@pytest.mark.parametrize("case", [_raise_on_rank_1_during_all_reduce, _raise_on_rank_1_during_pipeline,
+                                  _raise_on_rank_1_during_tp_all_reduce_with_state_timeout])
 def test_a_raising_rank_makes_the_others_fail_within_the_timeout(case):
     start = time.monotonic()
     results = run_distributed_results(2, case, pg_timeout_s=PG_TIMEOUT_S, timeout_s=60)

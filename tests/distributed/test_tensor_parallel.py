@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from internlm2.parallel import (ColumnParallelLinear, ParallelConfig, ParallelState, RowParallelLinear,
-                                VocabParallelEmbedding, full_grads, load_full_state_dict)
+                                VocabParallelEmbedding, column_parallel_input, full_grads, load_full_state_dict)
+from internlm2.parallel.comm import CommCounter
 from internlm2.parallel.mappings import scatter_to_sequence
 from tests.distributed.spawn import distributed, worker_state
 
@@ -72,3 +73,40 @@ def test_single_state_layers_are_plain_torch_layers():
     ref.load_state_dict(col.state_dict())
     x = torch.randn(3, 4)
     torch.testing.assert_close(col(x), ref(x))
+
+
+def _shared_input_case(sequence_parallel: bool):
+    """Two column-parallel layers on one input: entering the TP region once gives the same results with
+    half the collectives."""
+    parallel = worker_state(ParallelConfig(tp=2, sequence_parallel=sequence_parallel))
+    torch.manual_seed(0)
+    w1 = ColumnParallelLinear(HIDDEN, FFN, parallel=parallel)
+    w3 = ColumnParallelLinear(HIDDEN, FFN, parallel=parallel)
+    x_full = torch.randn(TOKENS, HIDDEN)
+    x_local = scatter_to_sequence(x_full, parallel.tp_group) if sequence_parallel else x_full
+    runs = []
+    for shared in (False, True):
+        x = x_local.clone().requires_grad_()
+        with CommCounter() as counter:
+            if shared:
+                xs = column_parallel_input(x, parallel)
+                y = w1(xs, input_prepared=True) * w3(xs, input_prepared=True)
+            else:
+                y = w1(x) * w3(x)
+            y.sum().backward()
+        runs.append((y.detach(), x.grad, sum(counter.calls.values())))
+    (y0, g0, calls0), (y1, g1, calls1) = runs
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-7)
+    per_entry = 2 if sequence_parallel else 1  # all-gather + its backward reduce-scatter, or the backward all-reduce
+    assert (calls0, calls1) == (2 * per_entry, per_entry)
+
+
+@distributed(world_size=2)
+def test_shared_column_input_needs_one_collective():
+    _shared_input_case(sequence_parallel=False)
+
+
+@distributed(world_size=2)
+def test_shared_column_input_needs_one_gather_under_sequence_parallel():
+    _shared_input_case(sequence_parallel=True)

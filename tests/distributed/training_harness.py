@@ -15,16 +15,17 @@ from dataclasses import dataclass
 import torch
 
 from internlm2.model import InternLM2ForCausalLM, preset_config
-from internlm2.parallel import ParallelConfig, ParallelState, full_state_dict, load_full_state_dict
+from internlm2.parallel import ParallelConfig, ParallelState, comm, full_state_dict, load_full_state_dict
 from internlm2.parallel.optimizer import DistributedOptimizer, default_no_decay
-from internlm2.parallel.pipeline import local_stages, run_pipeline
+from internlm2.parallel.pipeline import forward_only, local_stages, run_pipeline
 from internlm2.parallel.tensor_parallel import gather_tensor
 
 STEPS = 3
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-2, (0.9, 0.95), 1e-8, 0.1
 MAX_GRAD_NORM = 0.5  # below the tiny model's first norms (~1-3), so clipping is exercised
-# Packed rows of varying length (all even, so sequence parallel over 2 ranks splits them): (cu_seqlens).
-ROWS = [(0, 5, 16), (0, 12), (0, 3, 8), (0, 7, 9, 16)]
+# Packed rows of varying length (cu_seqlens); every sequence a multiple of 4 tokens, so sequence parallel
+# over 2 ranks and context parallel's zigzag split over 2 ranks (2 * cp chunks per sequence) both apply.
+ROWS = [(0, 4, 16), (0, 12), (0, 8), (0, 8, 12, 16)]
 
 
 def tiny_config():
@@ -59,11 +60,16 @@ def initial_weights(config) -> dict[str, torch.Tensor]:
 
 
 def stage_loss(stage: InternLM2ForCausalLM, hidden: torch.Tensor | None, mb: Microbatch) -> torch.Tensor:
-    """One model chunk on one micro-batch: the loss on the chunk with the head, else its hidden states."""
+    """One model chunk on one micro-batch: the loss on the chunk with the head, else its hidden states.
+
+    The loss is the row's mean token loss. Under context parallelism each CP rank holds a share of the
+    tokens (ignored positions unevenly spread), so it returns cp x (its loss sum) / (the row's target
+    count): gradients averaged over DP x CP then equal the whole row's mean."""
     inputs = {"input_ids": mb.input_ids} if hidden is None else {"hidden_states": hidden}
     if not stage.with_head:
         return stage(**inputs, cu_seqlens=mb.cu_seqlens).hidden_states
-    return stage(**inputs, cu_seqlens=mb.cu_seqlens, labels=mb.labels).loss
+    loss_sum = stage(**inputs, cu_seqlens=mb.cu_seqlens, labels=mb.labels, loss_reduction="sum").loss
+    return loss_sum * (stage.parallel.cp_size / (mb.labels != -100).sum())
 
 
 def reference_run(steps: int = STEPS) -> dict:
@@ -92,6 +98,8 @@ def reference_run(steps: int = STEPS) -> dict:
         opt.step()
         result["losses"].append(torch.stack(losses).mean().item())
     result["weights"] = {n: p.detach().clone() for n, p in named}
+    with torch.no_grad():
+        result["eval_losses"] = [stage_loss(model, None, mb).item() for mb in microbatches(steps, config.vocab_size)]
     return result
 
 
@@ -104,9 +112,13 @@ def _full(name_to_shard: dict[str, torch.Tensor], modules, parallel: ParallelSta
     return out
 
 
-def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = STEPS) -> dict:
-    """This rank's part of the same training under `config`; returns what rank-specific pieces it owns
-    (losses on last-stage ranks of DP rank 0 ... ), keyed so the caller can merge them."""
+def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = STEPS, bucket_elements: int = 4096,
+                    reload_as: str | None = None, overlap: bool = False) -> dict:
+    """This rank's part of the same training under `config`: per-step losses (last-stage ranks), norms,
+    step-1 gradients, final weights (full tensors of this rank's stages) and the evaluation losses of the
+    trained model through `forward_only` (last-stage ranks). With `reload_as`, the optimizer state is
+    taken out after step 1 (`per_param_state`) and loaded into a new optimizer of that mode. With
+    `overlap`, gradient reduction starts during each chunk's last backward (`grad_sync`)."""
     from tests.distributed.spawn import worker_state
 
     model_config = tiny_config()
@@ -124,20 +136,34 @@ def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = ST
         chunks.append(stage)
     named = [(n, p) for c in chunks for n, p in c.named_parameters()]
     opt = DistributedOptimizer(named, parallel, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, mode=mode,
-                               bucket_elements=4096)
+                               bucket_elements=bucket_elements)
     result = {"losses": [], "norms": []}
     for step in range(steps):
         opt.zero_grad()
         mbs = microbatches(step, model_config.vocab_size)
         per_rank = len(mbs) // parallel.dp_size
         mine = mbs[parallel.dp_rank * per_rank:(parallel.dp_rank + 1) * per_rank]
-        losses = run_pipeline(parallel, chunks, mine, lambda c, m, x, mb: stage_loss(m, x, mb))
+        losses = run_pipeline(parallel, chunks, mine, lambda c, m, x, mb: stage_loss(m, x, mb),
+                              grad_sync=opt.grad_sync if overlap else None)
+        if overlap and comm.group_size(parallel.dp_cp_group) > 1:  # every bucket started inside backward
+            assert opt.launched_in_backward == len(opt.buckets), (opt.launched_in_backward, len(opt.buckets))
         if losses:
             result["losses"].append(torch.stack(losses).mean().item())
         if step == 0:
             result["grads"] = _full(opt.full_grads(), chunks, parallel)
         result["norms"].append(opt.step(MAX_GRAD_NORM).item())
+        if step == 0 and reload_as is not None:
+            state = opt.per_param_state()
+            opt.remove_hooks()
+            opt = DistributedOptimizer(named, parallel, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                                       mode=reload_as, bucket_elements=bucket_elements // 3 + 1)
+            opt.load_per_param_state(state, opt_steps := 1)
+            assert opt.step_count == opt_steps
     opt.remove_hooks()
+    per_rank = len(microbatches(steps, model_config.vocab_size)) // parallel.dp_size
+    evaluation = microbatches(steps, model_config.vocab_size)[parallel.dp_rank * per_rank:][:per_rank]
+    result["eval_losses"] = [x.item() for x in forward_only(parallel, chunks, evaluation,
+                                                            lambda c, m, x, mb: stage_loss(m, x, mb))]
     result["weights"] = {k: v for c in chunks for k, v in full_state_dict(c, parallel).items()}
     result["coordinate"] = parallel.coordinate
     return result
@@ -148,8 +174,14 @@ def merge_ranks(results: list[dict]) -> dict:
     rank 0's after checking), gradients and weights merged over pipeline stages."""
     loss_ranks = [r["losses"] for r in results if r["losses"]]
     steps = len(results[0]["norms"])
+    by_dp: dict[int, list] = {}  # DP rank -> eval losses of its last-stage ranks (TP copies, CP shares)
+    for r in results:
+        if r["eval_losses"]:
+            by_dp.setdefault(r["coordinate"][1], []).append(torch.tensor(r["eval_losses"]))
+    eval_ranks = {d: torch.stack(v).mean(0).tolist() for d, v in by_dp.items()}
     merged = {
         "losses": [sum(r[s] for r in loss_ranks) / len(loss_ranks) for s in range(steps)],
+        "eval_losses": [x for d in sorted(eval_ranks) for x in eval_ranks[d]],
         "norms": results[0]["norms"],
         "all_norms": [r["norms"] for r in results],
         "grads": {}, "weights": {},

@@ -1,5 +1,5 @@
-"""The small JSON files of prepared data (manifests, shard headers): written atomically, read back with
-their format tag and version checked."""
+"""Small files of the data pipeline (tokenizer models, manifests, shard headers): written atomically,
+and JSON read back with its format tag and version checked."""
 
 import json
 import os
@@ -8,11 +8,18 @@ from pathlib import Path
 from internlm2.data.errors import DataError
 
 
-def write_json_atomic(path: Path, value: dict) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Writes under a temporary name and renames, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, value: dict) -> None:
+    write_atomic(path, (json.dumps(value, indent=1) + "\n").encode())
 
 
 def read_versioned_json(path: Path, fmt: str, version: int, what: str) -> dict:

@@ -1,0 +1,42 @@
+"""The shipped configs load, validate and say what they claim."""
+
+from pathlib import Path
+
+import pytest
+
+from internlm2.config import ConfigError, load_config
+from internlm2.train.config import TrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_internlm2_7b_pretrain_has_the_papers_curriculum():
+    cfg = load_config(TrainConfig, CONFIGS / "internlm2-7b-pretrain.yaml")
+    short, long, enhance = cfg.stages
+    assert (short.seq_len, short.rope_theta) == (4096, 50_000)
+    assert (long.seq_len, long.rope_theta) == (32768, 1_000_000)
+    total = cfg.total_steps
+    assert 0.89 < short.steps / total < 0.91 and 0.08 < long.steps / total < 0.10
+    for stage in (short, long):  # 4M-token batches
+        assert stage.seq_len * stage.global_batch_size == 4 * 2**20
+    assert enhance.lr.peak_lr < cfg.optim.lr
+    tokens = sum(s.steps * s.seq_len * s.global_batch_size for s in cfg.stages)
+    assert 2.0e12 < tokens < 2.6e12
+    o = cfg.optim
+    assert (o.lr, o.betas, o.eps, o.weight_decay, o.min_lr_ratio) == (3e-4, (0.9, 0.95), 1e-8, 0.1, 0.1)
+
+
+def test_tiny_default_loads():
+    cfg = load_config(TrainConfig, CONFIGS / "tiny.yaml")
+    assert cfg.data.builtin is not None and len(cfg.stages) == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.0.seq_len=0", r"stages\.0\.seq_len: must be >= 1"),
+    ("model.hidden_sise=8", r"model: unknown model config key"),
+    ("optim.warmup_steps=10000000", r"optim\.warmup_steps"),
+    ("parallel.tpp=2", r"parallel\.tpp: unknown key \(did you mean tp"),
+])
+def test_bad_overrides_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, CONFIGS / "tiny.yaml", [override])
