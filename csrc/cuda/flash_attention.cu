@@ -38,14 +38,16 @@ at::Tensor with_aligned_rows(const at::Tensor& t) {
   return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-void check_cuda_support(const at::Tensor& q, int64_t max_seqlen, const char* op) {
+void check_cuda_support(const at::Tensor& q, int64_t max_seqlen, double softmax_scale, const char* op) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
               " on CUDA supports bfloat16 and float16, got ", q.scalar_type(), " (use the CPU op or the reference)");
   const int64_t d = q.size(2);
   TORCH_CHECK(d == 64 || d == 128, op, " on CUDA supports head dims 64 and 128, got ", d);
   TORCH_CHECK((max_seqlen + kLargestBlock - 1) / kLargestBlock <= kMaxGridY, op, ": max_seqlen ", max_seqlen,
               " is beyond the ", int64_t(kMaxGridY) * kLargestBlock, " tokens one sequence may have on CUDA");
-  TORCH_CHECK(q.size(0) <= INT32_MAX, op, ": ", q.size(0), " tokens do not fit cu_seqlens' int32");
+  // The kernels take each row's max over the unscaled scores, which is the max of the scaled ones only
+  // for a non-negative scale.
+  TORCH_CHECK(softmax_scale >= 0, op, " on CUDA needs softmax_scale >= 0, got ", softmax_scale);
 }
 
 void fill_common(flash::FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -86,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q_i
                                                            const std::optional<at::Tensor>& cu_seqlens,
                                                            int64_t max_seqlen, bool causal, double softmax_scale) {
   check_flash_attention_forward(q_in, k_in, v_in, cu_seqlens, max_seqlen, softmax_scale);
-  check_cuda_support(q_in, max_seqlen, "flash_attention");
+  check_cuda_support(q_in, max_seqlen, softmax_scale, "flash_attention");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
   const int64_t total = q.size(0), heads = q.size(1);
@@ -135,15 +137,20 @@ __global__ void flash_bwd_delta_kernel(const T* __restrict__ dout, const T* __re
   }
 }
 
-// dq = scale * dq_accum, both contiguous [T, Hq, D], 8 elements per thread.
-template <typename T>
-__global__ void flash_bwd_dq_kernel(const float* __restrict__ dq_accum, T* __restrict__ dq, int64_t vectors,
-                                    float scale) {
+// dq[t, h] = scale * dq_accum[h, t]: [Hq, T, D] float32 to [T, Hq, D], 8 elements of one row per thread.
+template <typename T, int kHeadDim>
+__global__ void flash_bwd_dq_kernel(const float* __restrict__ dq_accum, T* __restrict__ dq, int64_t total_tokens,
+                                    int num_heads, float scale) {
   constexpr int kVec = 8;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= vectors) return;
-  const float4 a = reinterpret_cast<const float4*>(dq_accum)[2 * i];
-  const float4 b = reinterpret_cast<const float4*>(dq_accum)[2 * i + 1];
+  constexpr int kPerRow = kHeadDim / kVec;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // over [T, Hq, D / kVec]
+  if (i >= total_tokens * num_heads * kPerRow) return;
+  const int64_t row = i / kPerRow;  // t * Hq + h
+  const int64_t t = row / num_heads;
+  const int h = static_cast<int>(row % num_heads);
+  const float* src = dq_accum + (h * total_tokens + t) * kHeadDim + (i % kPerRow) * kVec;
+  const float4 a = reinterpret_cast<const float4*>(src)[0];
+  const float4 b = reinterpret_cast<const float4*>(src)[1];
   Pack<T, kVec> o;
   o.v[0] = static_cast<T>(a.x * scale);
   o.v[1] = static_cast<T>(a.y * scale);
@@ -168,8 +175,8 @@ void launch_backward(const flash::BwdParams& p, const at::Tensor& dout, const at
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   flash::run_flash_bwd<kDtype, kHeadDim>(p, stream);
   const int64_t vectors = rows * kHeadDim / 8;
-  flash_bwd_dq_kernel<T><<<(vectors + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-      p.dq_accum, static_cast<T*>(p.dq), vectors, p.scale);
+  flash_bwd_dq_kernel<T, kHeadDim><<<(vectors + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      p.dq_accum, static_cast<T*>(p.dq), p.total_tokens, p.num_heads, p.scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -179,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
     const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, bool causal, double softmax_scale) {
   check_flash_attention_backward(grad_out_in, q_in, k_in, v_in, out_in, lse, grad_lse, cu_seqlens, max_seqlen,
                                  softmax_scale);
-  check_cuda_support(q_in, max_seqlen, "flash_attention backward");
+  check_cuda_support(q_in, max_seqlen, softmax_scale, "flash_attention backward");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
   const at::Tensor dout = with_aligned_rows(grad_out_in), out = with_aligned_rows(out_in);
@@ -193,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
   fill_common(p, q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale);
   if (p.batch == 0) return {dq, dk, dv};
   at::Tensor delta = at::empty({heads, total}, q.options().dtype(at::kFloat));
-  at::Tensor dq_accum = at::zeros({total, heads, head_dim}, q.options().dtype(at::kFloat));
+  at::Tensor dq_accum = at::zeros({heads, total, head_dim}, q.options().dtype(at::kFloat));
   p.lse = const_cast<float*>(lse.const_data_ptr<float>());
   p.dout = dout.const_data_ptr();
   p.do_row_stride = dout.stride(0);

@@ -21,7 +21,15 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
+// The fast exp (ex2.approx) is far more accurate than a bf16/fp16 result needs; float32 inputs get a
+// float64 exp so that they keep float32 accuracy for large |g| (the kernel is memory-bound either way).
+template <typename T>
+__device__ __forceinline__ float sigmoid(float g) {
+  if constexpr (std::is_same_v<T, float>)
+    return static_cast<float>(1.0 / (1.0 + ::exp(-static_cast<double>(g))));
+  else
+    return 1.f / (1.f + __expf(-g));
+}
 
 // Thread i owns elements [i * kVec, i * kVec + kVec); the last thread may own a partial vector.
 template <int kVec>
@@ -42,13 +50,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const float gf = static_cast<float>(g.v[e]);
-      o.v[e] = static_cast<T>(gf * sigmoid(gf) * static_cast<float>(u.v[e]));
+      o.v[e] = static_cast<T>(gf * sigmoid<T>(gf) * static_cast<float>(u.v[e]));
     }
     reinterpret_cast<V*>(out)[i] = o;
   } else {
     for (int64_t j = first; j < n; ++j) {
       const float gf = static_cast<float>(gate[j]);
-      out[j] = static_cast<T>(gf * sigmoid(gf) * static_cast<float>(up[j]));
+      out[j] = static_cast<T>(gf * sigmoid<T>(gf) * static_cast<float>(up[j]));
     }
   }
 }
@@ -56,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __device__ __forceinline__ void swiglu_grad(T dy, T g, T u, T& dg, T& du) {
   const float gf = static_cast<float>(g), dyf = static_cast<float>(dy);
-  const float s = sigmoid(gf);
+  const float s = sigmoid<T>(gf);
   dg = static_cast<T>(dyf * static_cast<float>(u) * s * (1.f + gf * (1.f - s)));
   du = static_cast<T>(dyf * gf * s);
 }

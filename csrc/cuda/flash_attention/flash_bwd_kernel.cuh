@@ -9,7 +9,7 @@
 //          dV += P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dK += dS^T Q,   dQ += dS K
 //      dK and dV stay in fp32 registers across the whole group and are written once; dQ parts are added
 //      to an fp32 buffer with atomics (other key blocks add theirs).
-//   3. flash_bwd_dq_kernel: dQ = softmax_scale * dq_accum in the input dtype.
+//   3. flash_bwd_dq_kernel: dQ = softmax_scale * dq_accum in the input dtype (and layout [T, Hq, D]).
 // Q is double-buffered (the next block loads while dK still reads the current one); P and dS go through
 // shared memory because the dV/dK products need them transposed.
 #pragma once
@@ -21,6 +21,12 @@
 #include "cuda/flash_attention/kernel_traits.cuh"
 
 namespace internlm2::cuda::flash {
+
+// One query block of one query head.
+struct QueryBlock {
+  int head;
+  int m_block;
+};
 
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads) flash_bwd_kernel(const __grid_constant__ BwdParams p) {
@@ -68,20 +74,24 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_bwd_kernel(const __gri
   Tensor gV = make_tensor(
       make_gmem_ptr(static_cast<const Element*>(p.v) + kv_row * p.v_row_stride + kv_head * p.v_head_stride),
       Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_stride(p.v_row_stride, _1{}));
-  auto head_of = [&](int it) { return first_head + it / m_count; };
-  auto m_block_of = [&](int it) { return m_begin + it % m_count; };
-  auto q_row_of = [&](int it) { return seq.start + int64_t(m_block_of(it)) * kBlockM; };
-  auto q_block = [&](int it) {
-    return make_tensor(make_gmem_ptr(static_cast<const Element*>(p.q) + q_row_of(it) * p.q_row_stride +
-                                     head_of(it) * p.q_head_stride),
-                       Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(static_cast<int>(p.q_row_stride), _1{}));
+  // The iterations walk (query head, query block) pairs: every block of the group's first head, then the
+  // next head's, and so on.
+  const int m_end = m_begin + m_count;
+  auto next_of = [&](QueryBlock b) {
+    return b.m_block + 1 < m_end ? QueryBlock{b.head, b.m_block + 1} : QueryBlock{b.head + 1, m_begin};
   };
-  auto do_block = [&](int it) {
-    return make_tensor(make_gmem_ptr(static_cast<const Element*>(p.dout) + q_row_of(it) * p.do_row_stride +
-                                     head_of(it) * p.do_head_stride),
+  auto q_row_of = [&](QueryBlock b) { return seq.start + int64_t(b.m_block) * kBlockM; };
+  auto rows_valid_of = [&](QueryBlock b) { return seq.len - b.m_block * kBlockM; };
+  auto q_block = [&](QueryBlock b) {
+    return make_tensor(
+        make_gmem_ptr(static_cast<const Element*>(p.q) + q_row_of(b) * p.q_row_stride + b.head * p.q_head_stride),
+        Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(static_cast<int>(p.q_row_stride), _1{}));
+  };
+  auto do_block = [&](QueryBlock b) {
+    return make_tensor(make_gmem_ptr(static_cast<const Element*>(p.dout) + q_row_of(b) * p.do_row_stride +
+                                     b.head * p.do_head_stride),
                        Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(static_cast<int>(p.do_row_stride), _1{}));
   };
-  auto rows_valid_of = [&](int it) { return seq.len - m_block_of(it) * kBlockM; };
 
   typename Traits::GmemLoad gmem_load;
   auto thr_load = gmem_load.get_thread_slice(tid);
@@ -143,20 +153,24 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_bwd_kernel(const __gri
   // Prologue: K, V (rows past the sequence end zero-filled) and the first Q and dO blocks.
   load_tile_async(gmem_load, thr_load.partition_S(gK), thr_load.partition_D(sK), tKVc, keys_valid);
   load_tile_async(gmem_load, thr_load.partition_S(gV), thr_load.partition_D(sV), tKVc, keys_valid);
-  load_tile_async(gmem_load, thr_load.partition_S(q_block(0)), thr_load.partition_D(sQ_buffer(0)), tQc,
-                  rows_valid_of(0));
-  load_tile_async(gmem_load, thr_load.partition_S(do_block(0)), thr_load.partition_D(sdO), tQc, rows_valid_of(0));
+  const QueryBlock first{first_head, m_begin};
+  load_tile_async(gmem_load, thr_load.partition_S(q_block(first)), thr_load.partition_D(sQ_buffer(0)), tQc,
+                  rows_valid_of(first));
+  load_tile_async(gmem_load, thr_load.partition_S(do_block(first)), thr_load.partition_D(sdO), tQc,
+                  rows_valid_of(first));
   cute::cp_async_fence();
 
   clear(acc_dk);
   clear(acc_dv);
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
 
+  QueryBlock cur = first;
   for (int it = 0; it < iterations; ++it) {
-    const int head = head_of(it);
-    const int m_block = m_block_of(it);
-    const int rows_valid = rows_valid_of(it);
-    const int64_t stat_offset = int64_t(head) * p.total_tokens + q_row_of(it);  // into lse / delta [Hq, T]
+    const QueryBlock next = next_of(cur);
+    const int head = cur.head;
+    const int m_block = cur.m_block;
+    const int rows_valid = rows_valid_of(cur);
+    const int64_t stat_offset = int64_t(head) * p.total_tokens + q_row_of(cur);  // into lse / delta [Hq, T]
 
     // Softmax statistics of this thread's rows; rows past the sequence end get P = 0 (lse = +inf).
     float lse_log2[kRows], delta[kRows];
@@ -207,8 +221,8 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_bwd_kernel(const __gri
     copy(copy_c_sdp, thr_c_sdp.retile_S(rdS), tdSsdS);
 
     if (it + 1 < iterations) {  // the other Q buffer was last read in iteration it - 1
-      load_tile_async(gmem_load, thr_load.partition_S(q_block(it + 1)), thr_load.partition_D(sQ_buffer(it + 1)),
-                      tQc, rows_valid_of(it + 1));
+      load_tile_async(gmem_load, thr_load.partition_S(q_block(next)), thr_load.partition_D(sQ_buffer(it + 1)), tQc,
+                      rows_valid_of(next));
       cute::cp_async_fence();
     }
     __syncthreads();  // P and dS are in shared memory
@@ -217,8 +231,8 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_bwd_kernel(const __gri
     gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma_dkv, copy_a_dkv, copy_b_dkv, thr_a_dkv, thr_b_dkv);
     __syncthreads();  // dO is free
     if (it + 1 < iterations) {
-      load_tile_async(gmem_load, thr_load.partition_S(do_block(it + 1)), thr_load.partition_D(sdO), tQc,
-                      rows_valid_of(it + 1));
+      load_tile_async(gmem_load, thr_load.partition_S(do_block(next)), thr_load.partition_D(sdO), tQc,
+                      rows_valid_of(next));
       cute::cp_async_fence();
     }
 
@@ -226,17 +240,18 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_bwd_kernel(const __gri
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     clear(acc_dq);
     gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_dq, copy_a_dq, copy_b_dq, thr_a_dq, thr_b_dq);
-    float* dq_block = p.dq_accum + (q_row_of(it) * p.num_heads + head) * kHeadDim;
-    const int dq_row_stride = p.num_heads * kHeadDim;
+    // dq_accum is [Hq, T, D]: within a block every offset is a compile-time constant from the thread's base.
+    float* dq_block = p.dq_accum + stat_offset * kHeadDim;
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dq); ++i) {
       const int row = get<0>(tdQcdQ(i));
-      if (row < rows_valid) atomicAdd(dq_block + row * dq_row_stride + get<1>(tdQcdQ(i)), acc_dq(i));
+      if (row < rows_valid) atomicAdd(dq_block + row * kHeadDim + get<1>(tdQcdQ(i)), acc_dq(i));
     }
 
     // dK += dS^T Q
     gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, thr_b_dkv.partition_S(sQt_buffer(it)), mma_dkv, copy_a_dkv, copy_b_dkv,
             thr_a_dkv, thr_b_dkv);
+    cur = next;
   }
 
   // Epilogue: dK = scale * acc_dk, dV = acc_dv, staged through K/V's shared memory, 16-byte stores.

@@ -26,7 +26,7 @@ struct CommonTraits {
 
   // A row segment of 64 elements is 8 threads x 16 B; the block's threads cover kThreads / 8 rows per step.
   using GmemThreads = Layout<Shape<Int<kThreads / 8>, _8>, Stride<_8, _1>>;
-  using GmemLoad = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>, Element>{},
+  using GmemLoad = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, Element>{},
                                             GmemThreads{}, Layout<Shape<_1, _8>>{}));
   using GmemVecCopy = decltype(make_tiled_copy(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>{},
                                                GmemThreads{}, Layout<Shape<_1, _8>>{}));

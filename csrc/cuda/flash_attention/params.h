@@ -39,7 +39,7 @@ struct BwdParams : FwdParams {
   int64_t do_row_stride, do_head_stride;
   float* delta;            // [Hq, T]: rowsum(dout * out) - grad_lse, from the preprocessing kernel
   const float* grad_lse;   // [Hq, T] or nullptr
-  float* dq_accum;         // [T, Hq, D] float32, zeroed; every key block adds its part of dS K
+  float* dq_accum;         // [Hq, T, D] float32, zeroed; every key block adds its part of dS K
   void* dq;                // [T, Hq, D], contiguous
   void* dk;                // [T, Hkv, D], contiguous
   void* dv;                // [T, Hkv, D], contiguous

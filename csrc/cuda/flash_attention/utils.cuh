@@ -32,7 +32,7 @@ __device__ __forceinline__ SeqSpan seq_span(const int* cu_seqlens, int b, int64_
 // An mma.sync accumulator fragment (4 values per 16x8 atom: columns 2t, 2t+1 of rows g and g+8) viewed
 // as a matrix: (rows = (2, MMA_M), cols = (2, MMA_N)), so row statistics are loops over mode 1.
 template <typename Layout>
-__device__ __forceinline__ auto acc_rowcol(Layout acc) {
+CUTE_HOST_DEVICE auto acc_rowcol(Layout acc) {
   static_assert(decltype(size<0>(acc))::value == 4 && decltype(rank(acc))::value == 3);
   auto l = logical_divide(acc, Shape<_2>{});  // ((2 cols, 2 rows), MMA_M, MMA_N)
   return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
@@ -41,7 +41,7 @@ __device__ __forceinline__ auto acc_rowcol(Layout acc) {
 // The same registers reinterpreted as the A operand of an m16n8k16 mma: two neighbouring 8-column
 // accumulator atoms form one 16-wide k slice, ((4, 2), MMA_M, MMA_N / 2).
 template <typename Layout>
-__device__ __forceinline__ auto acc_as_a_operand(Layout acc) {
+CUTE_HOST_DEVICE auto acc_as_a_operand(Layout acc) {
   static_assert(decltype(size<0>(acc))::value == 4 && decltype(rank(acc))::value == 3);
   auto l = logical_divide(acc, Shape<Underscore, Underscore, _2>{});  // (4, MMA_M, (2, MMA_N / 2))
   return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
@@ -95,16 +95,20 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, const RA& rA, RB& rB, const SB
   }
 }
 
-// cp.async a tile (partitioned (CPY, CPY_ROWS, CPY_COLS)) into shared memory; rows at or beyond
-// `valid_rows` are zero-filled instead of read (the zfill form reads no global memory for them).
+// cp.async a tile (partitioned (CPY, CPY_ROWS, CPY_COLS)) into shared memory. Rows at or beyond
+// `valid_rows` are not read at all (their addresses may lie past the end of the tensor): plain stores
+// zero them, so a partial tile computes as if padded with zeros.
 template <typename TiledCopy, typename Src, typename Dst, typename Coord>
 __device__ __forceinline__ void load_tile_async(const TiledCopy& tiled_copy, const Src& src, Dst&& dst,
                                                 const Coord& coord, int valid_rows) {
   CUTE_UNROLL
   for (int m = 0; m < size<1>(src); ++m) {
-    const bool in_range = get<0>(coord(0, m, 0)) < valid_rows;
-    CUTE_UNROLL
-    for (int k = 0; k < size<2>(src); ++k) copy(tiled_copy.with(in_range), src(_, m, k), dst(_, m, k));
+    if (get<0>(coord(0, m, 0)) < valid_rows) {
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(src); ++k) copy(tiled_copy, src(_, m, k), dst(_, m, k));
+    } else {
+      clear(dst(_, m, _));
+    }
   }
 }
 
