@@ -25,6 +25,10 @@ mkdir -p "$LOGS" benchmarks/results
 # Kernel benchmarks, each writing benchmarks/results/<name>-<card>.{md,json}. Every CUDA kernel adds its line.
 BENCHMARKS=(
   "benchmarks.bench_rms_norm --device cuda"
+  "benchmarks.bench_flash_attention_cuda"
+  "benchmarks.bench_swiglu_cuda"
+  "benchmarks.bench_rope_cuda"
+  "benchmarks.bench_linear_cross_entropy_cuda"
 )
 
 SUMMARY=()

@@ -31,10 +31,19 @@ __device__ __forceinline__ float sigmoid(float g) {
     return 1.f / (1.f + __expf(-g));
 }
 
-// Thread i owns elements [i * kVec, i * kVec + kVec); the last thread may own a partial vector.
-template <int kVec>
-int64_t threads_for(int64_t n) {
-  return (n + kVec - 1) / kVec;
+// Calls launch(std::integral_constant<int, V>{}, blocks) with V = kVec when every pointer allows 16-byte
+// vectors, else V = 1; thread i owns elements [i * V, i * V + V), the last one maybe a partial vector.
+template <int kVec, typename T, typename Launch>
+void launch_elementwise(int64_t n, std::initializer_list<const T*> ptrs, Launch&& launch) {
+  auto with_width = [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    launch(width, ((n + V - 1) / V + kThreads - 1) / kThreads);
+  };
+  if (packs_aligned<kVec, T>(ptrs))
+    with_width(std::integral_constant<int, kVec>{});
+  else
+    with_width(std::integral_constant<int, 1>{});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int kVec>
@@ -101,14 +110,9 @@ at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
     const scalar_t* g = gate.const_data_ptr<scalar_t>();
     const scalar_t* u = up.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    if (packs_aligned<kVec, scalar_t>({g, u, o})) {
-      const int64_t blocks = (threads_for<kVec>(n) + kThreads - 1) / kThreads;
-      swiglu_forward_kernel<scalar_t, kVec><<<blocks, kThreads, 0, current_stream()>>>(g, u, o, n);
-    } else {
-      const int64_t blocks = (n + kThreads - 1) / kThreads;
-      swiglu_forward_kernel<scalar_t, 1><<<blocks, kThreads, 0, current_stream()>>>(g, u, o, n);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<kVec, scalar_t>(n, {g, u, o}, [&](auto width, int64_t blocks) {
+      swiglu_forward_kernel<scalar_t, decltype(width)::value><<<blocks, kThreads, 0, current_stream()>>>(g, u, o, n);
+    });
   });
   return out;
 }
@@ -128,14 +132,10 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad_out, c
     const scalar_t* u = up.const_data_ptr<scalar_t>();
     scalar_t* dg = grad_gate.mutable_data_ptr<scalar_t>();
     scalar_t* du = grad_up.mutable_data_ptr<scalar_t>();
-    if (packs_aligned<kVec, scalar_t>({dy, g, u, dg, du})) {
-      const int64_t blocks = (threads_for<kVec>(n) + kThreads - 1) / kThreads;
-      swiglu_backward_kernel<scalar_t, kVec><<<blocks, kThreads, 0, current_stream()>>>(dy, g, u, dg, du, n);
-    } else {
-      const int64_t blocks = (n + kThreads - 1) / kThreads;
-      swiglu_backward_kernel<scalar_t, 1><<<blocks, kThreads, 0, current_stream()>>>(dy, g, u, dg, du, n);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<kVec, scalar_t>(n, {dy, g, u, dg, du}, [&](auto width, int64_t blocks) {
+      swiglu_backward_kernel<scalar_t, decltype(width)::value><<<blocks, kThreads, 0, current_stream()>>>(
+          dy, g, u, dg, du, n);
+    });
   });
   return {grad_gate, grad_up};
 }

@@ -16,6 +16,7 @@ from tests.numerics import (
     requires_cuda,
     to_double_leaf,
 )
+from tests.test_flash_attention import VARLEN_CASES, run  # the CPU tests' cases and autograd driver
 
 LOWP = [torch.bfloat16, torch.float16]
 
@@ -33,18 +34,6 @@ def make_qkv(total, heads_q, heads_kv, head_dim, dtype, outliers=False):
     make = (lambda s: randn_with_outliers(s, dtype, generator=g)) if outliers else (
         lambda s: torch.randn(s, generator=g).to(dtype))
     return [make((total, h, head_dim)).cuda().requires_grad_() for h in (heads_q, heads_kv, heads_kv)]
-
-
-def run(fn, q, k, v, grad_out, grad_lse, **kw):
-    """Output, lse and the gradients of sum(out * grad_out) + sum(lse * grad_lse)."""
-    for t in (q, k, v):
-        t.grad = None
-    out, lse = fn(q, k, v, return_lse=True, **kw)
-    loss = (out.double() * grad_out.double()).sum()
-    if grad_lse is not None:
-        loss = loss + (lse.double() * grad_lse.double()).sum()
-    loss.backward()
-    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
 def check_against_fp64(q, k, v, use_grad_lse=False, **kw):
@@ -84,16 +73,6 @@ def test_many_tiles(head_dim, causal):
     lengths = [1000, 333, 129]
     q, k, v = make_qkv(sum(lengths), 8, 2, head_dim, torch.bfloat16)
     check_against_fp64(q, k, v, cu_seqlens=packed(lengths), causal=causal)
-
-
-VARLEN_CASES = {
-    "single-token-sequences": [1, 1, 1, 1],
-    "one-sequence": [257],
-    "many-short": [3, 5, 2, 7, 1, 4, 6, 2, 3, 5, 1, 8],
-    "unequal-across-tiles": [1, 63, 64, 65, 129, 200],
-    "empty-sequences": [0, 5, 0, 0, 9, 0],
-    "fewer-tokens-than-sequences": [0, 1, 0, 2, 0, 0, 1, 0],
-}
 
 
 @requires_cuda

@@ -14,6 +14,7 @@ from tests.numerics import (
     requires_cuda,
     to_double_leaf,
 )
+from tests.test_rope import forward_backward
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -42,13 +43,6 @@ def test_cos_sin_matches_reference(pos_dtype, head_dim):
 
 def tables(positions, head_dim):
     return ops.rope_cos_sin(positions, head_dim, 1e4)
-
-
-def forward_backward(fn, x, cos, sin, grad_out):
-    x.grad = None
-    out = fn(x, cos, sin)
-    out.backward(grad_out)
-    return out.detach(), x.grad
 
 
 def check_against_fp64(x, cos, sin):

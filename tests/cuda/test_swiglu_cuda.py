@@ -14,6 +14,7 @@ from tests.numerics import (
     requires_cuda,
     to_double_leaf,
 )
+from tests.test_swiglu import forward_backward
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # One vector, a partial vector, several rows, a tail after many vectors, an MLP-sized activation.
@@ -27,13 +28,6 @@ def test_registered_for_cuda():
 def make_inputs(shape, dtype):
     g = torch.Generator().manual_seed(fresh_seed())
     return [randn_with_outliers(shape, dtype, generator=g).cuda().requires_grad_() for _ in range(2)]
-
-
-def forward_backward(fn, gate, up, grad_out):
-    gate.grad = up.grad = None
-    out = fn(gate, up)
-    out.backward(grad_out)
-    return out.detach(), gate.grad, up.grad
 
 
 def check_against_fp64(gate, up):
