@@ -5,7 +5,7 @@
 // blocks on the causal diagonal come first and every later block runs without masks. Per block:
 //   S = Q K^T (fp32 accumulators), mask, online softmax (running row max and sum in registers, the output
 //   accumulator rescaled when the max grows), O += P V with P converted to bf16/fp16 in registers.
-// Copies overlap compute: V[n] loads while S is computed, K[n-1] while softmax and P V run.
+// Keys and values are double-buffered: block n - 1 loads while block n is used, one barrier per block.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -127,26 +127,32 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_fwd_kernel(const __gri
                        Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_stride(v_row_stride, _1{}));
   };
 
+  // Shared memory: Q, then two stages of (K, V); key block n lives in stage n % 2, so block n - 1 loads
+  // while block n is being used.
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
-  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
-  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
-  Tensor sVtNoSwizzle = make_tensor(sV.data(), typename Traits::SmemLayoutVtNoSwizzle{});
+  Tensor sK0 = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
+  auto sK = [&](int n) { return make_tensor(sK0.data() + (n & 1) * 2 * size(sK0), typename Traits::SmemLayoutKV{}); };
+  auto sV = [&](int n) { return make_tensor(sK(n).data() + size(sK0), typename Traits::SmemLayoutKV{}); };
+  auto sVt = [&](int n) { return make_tensor(sV(n).data(), typename Traits::SmemLayoutVt{}); };
 
   typename Traits::GmemLoad gmem_load;
   auto thr_load = gmem_load.get_thread_slice(tid);
-  Tensor tQgQ = thr_load.partition_S(gQ);
-  Tensor tQsQ = thr_load.partition_D(sQ);
-  Tensor tKsK = thr_load.partition_D(sK);
-  Tensor tVsV = thr_load.partition_D(sV);
   Tensor tQcQ = thr_load.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tKVcKV = thr_load.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  // cp.async block n's keys and values into its stage; rows past the sequence end become zeros (their
+  // probabilities are 0, and 0 * garbage could be NaN).
+  auto load_kv = [&](int n) {
+    const int valid = seq.len - n * kBlockN;
+    load_tile_async(gmem_load, thr_load.partition_S(k_block(n)), thr_load.partition_D(sK(n)), tKVcKV, valid);
+    load_tile_async(gmem_load, thr_load.partition_S(v_block(n)), thr_load.partition_D(sV(n)), tKVcKV, valid);
+    cute::cp_async_fence();
+  };
 
   typename Traits::TiledMma mma;
   auto thr_mma = mma.get_thread_slice(tid);
   Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
-  Tensor tSrK = thr_mma.partition_fragment_B(sK);
-  Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK0);
+  Tensor tOrVt = thr_mma.partition_fragment_B(make_tensor(sK0.data(), typename Traits::SmemLayoutVtNoSwizzle{}));
   Tensor acc_o = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
 
@@ -155,47 +161,35 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_fwd_kernel(const __gri
   Tensor tSsQ = thr_copy_q.partition_S(sQ);
   auto smem_copy_k = make_tiled_copy_B(typename Traits::SmemLoad{}, mma);
   auto thr_copy_k = smem_copy_k.get_thread_slice(tid);
-  Tensor tSsK = thr_copy_k.partition_S(sK);
   auto smem_copy_v = make_tiled_copy_B(typename Traits::SmemLoadTransposed{}, mma);
   auto thr_copy_v = smem_copy_v.get_thread_slice(tid);
-  Tensor tOsVt = thr_copy_v.partition_S(sVt);
 
   // Prologue: Q and the last key block in flight.
-  int n_block = n_blocks - 1;
-  load_tile_async(gmem_load, tQgQ, tQsQ, tQcQ, rows_valid);
-  load_tile_async(gmem_load, thr_load.partition_S(k_block(n_block)), tKsK, tKVcKV, seq.len - n_block * kBlockN);
-  cute::cp_async_fence();
+  load_tile_async(gmem_load, thr_load.partition_S(gQ), thr_load.partition_D(sQ), tQcQ, rows_valid);
+  load_kv(n_blocks - 1);
 
   clear(acc_o);
   OnlineSoftmax<2 * size<1>(acc_o)> softmax;
 
-  for (; n_block >= 0; --n_block) {
+  for (int n_block = n_blocks - 1; n_block >= 0; --n_block) {
+    cp_async_wait<0>();
+    __syncthreads();  // block n has landed; every warp is done with block n + 1, whose stage is reused now
+    if (n_block > 0) load_kv(n_block - 1);
+
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    cp_async_wait<0>();
-    __syncthreads();  // K[n] has landed and every warp is done with V[n + 1]
-    // Rows past the sequence end are zero-filled: their probabilities are 0, and 0 * garbage could be NaN.
-    load_tile_async(gmem_load, thr_load.partition_S(v_block(n_block)), tVsV, tKVcKV, seq.len - n_block * kBlockN);
-    cute::cp_async_fence();
-
-    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, smem_copy_q, smem_copy_k, thr_copy_q, thr_copy_k);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, thr_copy_k.partition_S(sK(n_block)), mma, smem_copy_q, smem_copy_k, thr_copy_q,
+            thr_copy_k);
     if (n_block >= first_masked_block) mask_scores(acc_s, tScS, m_block * kBlockM, n_block * kBlockN, seq.len, p.causal);
-
-    cp_async_wait<0>();
-    __syncthreads();  // V[n] has landed and every warp is done with K[n]
-    if (n_block > 0) {
-      load_tile_async(gmem_load, thr_load.partition_S(k_block(n_block - 1)), tKsK, tKVcKV, kBlockN);
-      cute::cp_async_fence();
-    }
 
     softmax.update(acc_s, acc_o, p.scale_log2);
     Tensor rP = convert_fragment<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
-    gemm_rs(acc_o, tOrP, tOrVt, tOsVt, mma, smem_copy_v, thr_copy_v);
+    gemm_rs(acc_o, tOrP, tOrVt, thr_copy_v.partition_S(sVt(n_block)), mma, smem_copy_v, thr_copy_v);
   }
 
-  // Epilogue: normalise, write the log-sum-exp, stage O through shared memory (Q's space: every warp
-  // passed the last barrier after its final read of sQ) and store it with 16-byte writes.
+  // Epilogue: normalise, write the log-sum-exp, stage O through shared memory (Q's space, once every warp
+  // is done reading Q) and store it with 16-byte writes.
   constexpr int kRows = 2 * size<1>(acc_o);
   float lse[kRows];
   softmax.finalize(acc_o, p.scale, lse);
@@ -213,6 +207,7 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_fwd_kernel(const __gri
 
   Tensor rO = convert_fragment<Element>(acc_o);
   Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutQ{});
+  __syncthreads();
   auto smem_copy_o = make_tiled_copy_C(typename Traits::SmemStore{}, mma);
   auto thr_copy_o = smem_copy_o.get_thread_slice(tid);
   copy(smem_copy_o, thr_copy_o.retile_S(rO), thr_copy_o.partition_D(sO));

@@ -61,8 +61,8 @@ struct FwdTraits : CommonTraits<Element, kHeadDim_, kWarps * 32> {
   using SmemLayoutVt = typename Base::template SmemLayoutT<kBlockN, kHeadDim>;
   using SmemLayoutVtNoSwizzle = typename Base::template SmemLayoutTNoSwizzle<kBlockN, kHeadDim>;
 
-  // Q, then K and V (one buffer each; the output tile reuses Q's space at the end).
-  static constexpr int kSmemBytes = (cosize_v<SmemLayoutQ> + 2 * cosize_v<SmemLayoutKV>) * sizeof(Element);
+  // Q, then two stages of K and V (the output tile reuses Q's space at the end).
+  static constexpr int kSmemBytes = (cosize_v<SmemLayoutQ> + 4 * cosize_v<SmemLayoutKV>) * sizeof(Element);
 };
 
 // Backward: one CTA owns kBlockN keys of one KV head and walks the query blocks of every query head in
