@@ -88,12 +88,13 @@ def test_out_of_range_label_poisons_only_its_row():
 def test_misaligned_logits_take_the_element_path():
     logits, labels, _ = make_chunk(5, 1024, torch.bfloat16)
     base = torch.empty(logits.numel() + 1, dtype=logits.dtype, device="cuda")
-    shifted = base[1:].view(logits.shape).copy_(logits)
+    shifted = base[1:].view(logits.shape).copy_(logits)  # 2 bytes off a 16-byte boundary
     grad_scale = torch.tensor(1.0, device="cuda")
-    aligned = logits.clone()
-    assert torch.equal(chunk_kernel(shifted, labels, -100, 0.0, grad_scale)[0],
-                       chunk_kernel(aligned, labels, -100, 0.0, grad_scale)[0])
-    assert torch.equal(shifted, aligned)
+    loss64, lse64, grad64 = chunk_reference(logits, labels, 0.0, grad_scale)
+    loss, lse = chunk_kernel(shifted, labels, -100, 0.0, grad_scale)
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shifted.double(), grad64, rtol=2e-3, atol=2e-3)
 
 
 def make_linear(tokens, hidden, vocab, dtype):

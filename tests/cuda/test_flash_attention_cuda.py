@@ -50,6 +50,10 @@ def check_against_fp64(q, k, v, use_grad_lse=False, **kw):
             scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
             err = (a.double() - e).abs().max().item() if e.numel() else 0.0
             assert err <= 1e-4 * scale, f"lse: max error {err:.3e}"
+        elif e.numel() and e.abs().max() == 0:
+            # Exactly zero (grad q when every sequence has one token: dP == delta): the rule has no scale here;
+            # dP (tensor cores) and delta (its own kernel) sum in different orders, so allow float32 noise.
+            assert a.abs().max().item() <= 1e-5, f"{name}: {a.abs().max().item():.3e} where the gradient is exactly 0"
         else:
             assert_within_reference_error(a, lowp, e, 2.0 if i == 0 else 3.0, name)
 

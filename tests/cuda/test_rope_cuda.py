@@ -100,10 +100,15 @@ def test_strided_views_of_the_fused_qkv_projection(dtype):
 
 
 @requires_cuda
-def test_misaligned_input_and_table_slices():
-    x = make_x((40 * 4 * 128 + 1,), torch.bfloat16)[1:].view(40, 4, 128)  # 2 bytes off a 16-byte boundary
-    cos, sin = tables(torch.arange(41, device="cuda"), 128)
-    check_against_fp64(x.requires_grad_(), cos[1:], sin[1:])  # table rows sliced: their start moves too
+def test_misaligned_input_and_tables_take_the_element_path():
+    def off_by_one_element(t):  # the same values, contiguous, 2 or 4 bytes off a 16-byte boundary
+        return torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")[1:].view(t.shape).copy_(t)
+
+    x = off_by_one_element(make_x((40, 4, 128), torch.bfloat16))
+    cos, sin = tables(torch.arange(40, device="cuda"), 128)
+    check_against_fp64(x.requires_grad_(), cos, sin)
+    check_against_fp64(make_x((40, 4, 128), torch.bfloat16).requires_grad_(), off_by_one_element(cos),
+                       off_by_one_element(sin))
 
 
 @requires_cuda
