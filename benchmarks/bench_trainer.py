@@ -4,7 +4,7 @@ Runs `internlm2 pretrain` for a few steps on the built-in data for the tiny defa
 `internlm2-small` preset, each with `kernels: fused` (internlm2's kernels) and `kernels: reference` (plain
 PyTorch), and reports median tokens/s and the per-step time of data, forward, backward (with the pipeline's
 communication and overlapped gradient reduction), optimizer (gradient norm, clipping, AdamW, parameter
-all-gather) and checkpointing. Steps 1-2 (warm-up) are left out.
+all-gather). Steps 1-2 (warm-up) are left out.
 
     python -m benchmarks.bench_trainer [--steps 10]
 """
@@ -29,7 +29,7 @@ MODELS = {
                                  "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 1024},
     "internlm2-small": {"preset": "internlm2-small"},
 }
-PHASES = ("data", "forward", "backward", "optimizer", "checkpoint")
+PHASES = ("data", "forward", "backward", "optimizer")
 
 
 def run(model: dict, kernels: str, data: Path, steps: int, workdir: Path) -> list[dict]:
@@ -61,7 +61,7 @@ def main() -> None:
     report = Report("Trainer throughput and step-time breakdown (CPU)",
                     ["model", "kernels", "tokens/s", "speedup vs reference"] + [f"{p} s/step" for p in PHASES])
     report.notes.append("4096 tokens per step (global batch 4 x 1024, micro-batch 2, 2 accumulation steps), float32, "
-                        "one process; medians over steps 3..N; the last step includes the final checkpoint")
+                        "one process; medians over steps 3..N")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = work / "data"
