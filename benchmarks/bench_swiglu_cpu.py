@@ -2,10 +2,15 @@
 
 Shapes are [tokens, ffn] of InternLM2's MLP (1.8B: ffn 8192; 7B: ffn 14336). Ratios come from one run.
 
-    python -m benchmarks.bench_swiglu_cpu [--repeats N]
+Each output of these sizes is a fresh mmap from glibc, so page faults weigh on both sides; with
+THP_MEM_ALLOC_ENABLE=1 torch's CPU allocator asks for huge pages and the times show the kernels
+themselves (the result file then ends in _thp).
+
+    [THP_MEM_ALLOC_ENABLE=1] python -m benchmarks.bench_swiglu_cpu [--repeats N]
 """
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +25,14 @@ IMPLEMENTATIONS = {
 }
 
 
+def huge_pages() -> bool:
+    return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
+
+
 def run(repeats: int) -> Report:
     report = Report("SwiGLU CPU benchmark", ["shape", "dtype", "pass", "impl", "ms", "speedup vs eager"])
     report.notes.append(load_note())
+    report.notes.append(f"huge pages for large tensors (THP_MEM_ALLOC_ENABLE): {huge_pages()}")
     for shape in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             gate, up = (torch.randn(shape, dtype=dtype) for _ in range(2))
@@ -53,7 +63,7 @@ def run(repeats: int) -> Report:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=10)
-    run(ap.parse_args().repeats).write("swiglu_cpu")
+    run(ap.parse_args().repeats).write("swiglu_cpu_thp" if huge_pages() else "swiglu_cpu")
 
 
 if __name__ == "__main__":

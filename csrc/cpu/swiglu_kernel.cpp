@@ -4,6 +4,8 @@
 //   grad_gate = grad_out * up * silu'(g),  grad_up = grad_out * silu(g).
 #include <ATen/Parallel.h>
 
+#include <type_traits>
+
 #include "common/dispatch.h"
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
@@ -14,7 +16,13 @@ namespace {
 // Elements per task: large enough that scheduling is free, small enough to split a layer over threads.
 constexpr int64_t kGrain = 1 << 15;
 
-inline fVec sigmoid(const fVec& g) { return fVec(1.f) / (fVec(1.f) + g.neg().exp()); }
+// float32 results get Sleef's 1-ulp exp; bf16/fp16 results round to 8 or 11 bits anyway, so they take the
+// cheaper 20-ulp exp (their kernels are compute-bound, the float32 ones memory-bound).
+template <typename T>
+inline fVec sigmoid(const fVec& g) {
+  const fVec e = std::is_same_v<T, float> ? g.neg().exp() : g.neg().exp_u20();
+  return fVec(1.f) / (fVec(1.f) + e);
+}
 
 // Runs body(begin, n) over [0, numel) in vector-sized steps (n < kFloatLanes only at the very end).
 template <typename Body>
@@ -31,7 +39,7 @@ template <typename T>
 void forward(const T* gate, const T* up, T* out, int64_t numel) {
   for_each_vector(numel, [&](int64_t i, int64_t n) {
     const fVec g = load_float_upto(gate + i, n);
-    store_float(out + i, g * sigmoid(g) * load_float_upto(up + i, n), n);
+    store_float(out + i, g * sigmoid<T>(g) * load_float_upto(up + i, n), n);
   });
 }
 
@@ -41,7 +49,7 @@ void backward(const T* grad_out, const T* gate, const T* up, T* grad_gate, T* gr
     const fVec dy = load_float_upto(grad_out + i, n);
     const fVec g = load_float_upto(gate + i, n);
     const fVec u = load_float_upto(up + i, n);
-    const fVec s = sigmoid(g);
+    const fVec s = sigmoid<T>(g);
     const fVec silu = g * s;
     const fVec dsilu = s * (fVec(1.f) + g * (fVec(1.f) - s));
     store_float(grad_gate + i, dy * u * dsilu, n);

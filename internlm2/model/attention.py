@@ -4,7 +4,8 @@ Built from the tensor-parallel layers (plain linears at TP=1). `wqkv` is column-
 its rows grouped per KV head (`[q_0 .. q_{g-1}, k, v]` for each of the KV heads), so rank r's contiguous
 chunk holds whole groups, i.e. its own query heads together with the K/V heads they read. `wo` is
 row-parallel. Attention runs on packed tokens `[T, heads, D]` with `cu_seqlens` (see packing.py); with a
-KV cache it runs the prefill on the packed prompts and each decode step against the cache.
+KV cache it runs the prefill on the packed prompts and each decode step against the cache; under context
+parallelism it is the ring over the CP ranks' shares of each sequence.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from internlm2.model.kernels import Kernels
 from internlm2.model.kv_cache import KVCache
 from internlm2.model.packing import Packing
 from internlm2.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear
+from internlm2.parallel.context_parallel import ring_attention
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, parallel: ParallelState, layer_id: int, *, dtype=None, device=None):
         super().__init__()
         tp = parallel.tp_size
+        self.parallel = parallel
         self.layer_id = layer_id
         self.head_dim = config.head_size
         self.queries_per_kv = config.queries_per_kv
@@ -49,7 +52,9 @@ class Attention(nn.Module):
         q = kernels.apply_rope(qkv[:, :, :g], cos, sin).view(tokens, self.local_heads, d)
         k = kernels.apply_rope(qkv[:, :, g], cos, sin)
         v = qkv[:, :, g + 1].contiguous()
-        if cache is None or cache.is_empty:
+        if packing.context is not None:
+            out = ring_attention(q, k, v, packing.context, self.parallel, attention=kernels.flash_attention)
+        elif cache is None or cache.is_empty:
             out = kernels.flash_attention(q, k, v, packing.cu_seqlens, packing.max_seqlen, causal=True)
             if cache is not None:
                 cache.write_prefill(self.layer_id, k, v, packing)

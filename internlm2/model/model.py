@@ -24,7 +24,7 @@ from internlm2.model.kernels import Kernels, select_kernels
 from internlm2.model.kv_cache import KVCache
 from internlm2.model.loss import causal_lm_loss
 from internlm2.model.norm import RMSNorm
-from internlm2.model.packing import Packing, packing_for
+from internlm2.model.packing import Packing, context_parallel_packing, packing_for
 from internlm2.ops import DynamicNTKScaling
 from internlm2.parallel import ColumnParallelLinear, ParallelState, VocabParallelEmbedding
 
@@ -142,25 +142,19 @@ class InternLM2ForCausalLM(nn.Module):
         the output weight without materialising the logits. return_logits: default True without labels,
         False with them. kv_cache: generation (see generation.py): the first call is the prefill of one
         packed prompt per cache row, each later call passes one token per row `[B]`.
+
+        Context parallelism (cp > 1): pass the whole packed row (`input_ids [T]`, `cu_seqlens`, `labels`);
+        each CP rank computes its zigzag share of every sequence (`internlm2.parallel.context_parallel`),
+        and outputs (logits, hidden states, per-token losses) are that share's tokens, in `split.index`
+        order. The loss is this rank's part: use reduction "sum" and divide by the row's token count.
+        Under sequence and/or context parallelism, hidden states passed between pipeline stages are this
+        rank's tokens `[T_local, H]`.
         """
         inputs = self._check_inputs(input_ids, hidden_states)
-        # Under sequence parallelism hidden states between stages are this rank's shard of the packed
-        # tokens, [T/tp, H]; the packing still describes all T tokens.
-        sharded = self.parallel.sequence_parallel and not self.with_embedding
-        if self.with_embedding:
-            shape = inputs.shape
-        elif sharded:
-            shape = attention_mask.shape if attention_mask is not None else (inputs.shape[0] * self.parallel.tp_size,)
-        else:
-            shape = inputs.shape[:-1]
-        if kv_cache is not None and not kv_cache.is_empty:
-            packing = self._decode_packing(shape, inputs.device, kv_cache, attention_mask, cu_seqlens, position_ids)
-        else:
-            packing = packing_for(shape, inputs.device, attention_mask, cu_seqlens, position_ids, max_seqlen,
-                                  what="input_ids" if self.with_embedding else "hidden_states")
+        packing, shape = self._packing(inputs, attention_mask, cu_seqlens, position_ids, max_seqlen, kv_cache)
         if kv_cache is not None:
             kv_cache.check_step(packing)
-        h = inputs if sharded else packing.pack(inputs)
+        h = packing.pack(inputs) if self.with_embedding or not self._local_hidden else inputs
         if self.with_embedding:
             h = self.model.tok_embeddings(h)
         rope = self._rope_tables(packing, kv_cache)
@@ -168,7 +162,7 @@ class InternLM2ForCausalLM(nn.Module):
             h = layer(h, rope, packing, self.kernels, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(packing)
-        unpack_hidden = (lambda x: x) if self.parallel.sequence_parallel else packing.unpack
+        unpack_hidden = (lambda x: x) if self._local_hidden else packing.unpack
         if not self.with_head:
             return CausalLMOutput(hidden_states=unpack_hidden(h))
         h = self.model.norm(h, self.kernels)
@@ -180,6 +174,37 @@ class InternLM2ForCausalLM(nn.Module):
         if return_logits if return_logits is not None else labels is None:
             out.logits = packing.unpack(self.output(h))
         return out
+
+    @property
+    def _local_hidden(self) -> bool:
+        """Whether hidden states in and out of this stage hold only this rank's tokens (SP and/or CP)."""
+        return self.parallel.sequence_parallel or self.parallel.cp_size > 1
+
+    def _packing(self, inputs, attention_mask, cu_seqlens, position_ids, max_seqlen, kv_cache) -> tuple[Packing, tuple]:
+        """The packing of this call and the shape of its (whole-row) token inputs."""
+        cp = self.parallel.cp_size
+        if self.with_embedding:
+            shape = tuple(inputs.shape)
+        elif not self._local_hidden:
+            shape = tuple(inputs.shape[:-1])
+        elif cu_seqlens is not None:
+            shape = (int(cu_seqlens[-1]),)
+        elif attention_mask is not None:
+            shape = tuple(attention_mask.shape)
+        else:
+            shape = (inputs.shape[0] * self.parallel.tp_size,)  # sequence parallel shard of one sequence
+        if kv_cache is not None and not kv_cache.is_empty:
+            return self._decode_packing(shape, inputs.device, kv_cache, attention_mask, cu_seqlens, position_ids), shape
+        if cp > 1:
+            if kv_cache is not None or len(shape) != 1 or cu_seqlens is None or position_ids is not None:
+                raise ValueError(
+                    f"context parallelism (cp={cp}) takes whole packed rows: input_ids [T] with cu_seqlens "
+                    "(positions follow from the split; no attention_mask, position_ids or KV cache)"
+                )
+            packing_for(shape, inputs.device, cu_seqlens=cu_seqlens, what="input_ids")  # validates cu_seqlens
+            return context_parallel_packing(cu_seqlens, self.parallel), shape
+        what = "input_ids" if self.with_embedding else "hidden_states"
+        return packing_for(shape, inputs.device, attention_mask, cu_seqlens, position_ids, max_seqlen, what), shape
 
     def _check_inputs(self, input_ids, hidden_states) -> torch.Tensor:
         if self.with_embedding:
@@ -217,8 +242,13 @@ class InternLM2ForCausalLM(nn.Module):
         scaling = None
         if config.rope_scaling_factor is not None:
             # The NTK base follows the longest sequence in the call (HF's rule: max position + 1); in a
-            # decode step that is known on the host from the cache.
-            seq_len = cache.max_length + 1 if cache is not None and not cache.is_empty else None
+            # decode step that is known on the host from the cache, and under context parallelism every
+            # rank must use the whole sequences' length, not the largest position of its own share.
+            seq_len = None
+            if cache is not None and not cache.is_empty:
+                seq_len = cache.max_length + 1
+            elif packing.context is not None:
+                seq_len = 2 * self.parallel.cp_size * packing.context.max_chunk
             scaling = DynamicNTKScaling(config.rope_scaling_factor, config.max_position_embeddings, seq_len)
         return self.kernels.rope_cos_sin(packing.position_ids, config.head_size, config.rope_theta, scaling)
 

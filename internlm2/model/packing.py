@@ -14,29 +14,37 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from internlm2.parallel import ParallelState
+from internlm2.parallel.context_parallel import CPSplit, zigzag_split
+
 
 @dataclass
 class Packing:
     cu_seqlens: torch.Tensor  # int32 [N+1]
     position_ids: torch.Tensor  # int64 [T]
     max_seqlen: int
-    # Padded inputs only: flat indices (into B * S) of the kept tokens, and (B, S).
+    # The tokens this call computes, as flat indices into the caller's inputs (None: all of them): the
+    # non-padding tokens of a padded batch [B, S] (then padded_shape is (B, S)), or this rank's share of a
+    # packed row under context parallelism (then context is the split).
     token_index: torch.Tensor | None = None
     padded_shape: tuple[int, int] | None = None
+    context: CPSplit | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.position_ids.shape[0]
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """Padded `[B, S, ...]` (or packed `[T, ...]`) -> packed `[T, ...]`."""
+        """The caller's token inputs (padded `[B, S, ...]` or packed `[T, ...]`) -> the computed tokens."""
         if self.token_index is None:
             return x
-        return x.reshape(-1, *x.shape[2:]).index_select(0, self.token_index)
+        flat = x.reshape(-1, *x.shape[2:]) if self.padded_shape is not None else x
+        return flat.index_select(0, self.token_index)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """Packed `[T, ...]` -> the caller's layout (padded `[B, S, ...]` with zeros at the padding)."""
-        if self.token_index is None:
+        """Computed tokens `[T, ...]` -> the caller's layout: padded `[B, S, ...]` with zeros at the padding;
+        packed and context-parallel outputs stay as they are."""
+        if self.padded_shape is None:
             return x
         b, s = self.padded_shape
         out = x.new_zeros((b * s, *x.shape[1:]))
@@ -114,3 +122,10 @@ def packing_for(
     elif tuple(position_ids.shape) != (total,):
         raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected ({total},) like {what}")
     return Packing(cu_seqlens, position_ids.long(), longest)
+
+
+def context_parallel_packing(cu_seqlens: torch.Tensor, parallel: ParallelState) -> Packing:
+    """This CP rank's zigzag share of the packed row described by `cu_seqlens` (every sequence's length
+    must be a multiple of 2 * cp)."""
+    split = zigzag_split(cu_seqlens, parallel.cp_size, parallel.cp_rank)
+    return Packing(split.cu_seqlens, split.position_ids, 2 * split.max_chunk, token_index=split.index, context=split)

@@ -39,13 +39,14 @@ from internlm2.train.config import StageConfig, TrainConfig
 from internlm2.train.data_setup import eval_batches, micro_batches, resolve_data, stage_dataset, to_device
 from internlm2.train.flops import DecoderShape, document_lengths, training_flops
 from internlm2.train.launch_env import pg_timeout_s
-from internlm2.train.metrics import MFUError, device_peak, peak_memory_bytes, reset_peak_memory, throughput
+from internlm2.train.metrics import MFUError, Peak, device_peak, peak_memory_bytes, reset_peak_memory, throughput
 from internlm2.train.metrics_log import MetricsLogger
 from internlm2.train.schedule import WarmupCosine
 from internlm2.train.timers import Timers
 
 IGNORE_INDEX = -100
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+UNKNOWN_PEAK = Peak(None, "unknown", "no utilisation: the measured peak was below the achieved rate")
 
 
 class TrainingStopped(RuntimeError):
@@ -295,7 +296,7 @@ class Trainer:
 
         self.optimizer.zero_grad()
         with self.timers("forward_backward"):
-            losses = run_pipeline(p, self.chunks, mbs, lambda _c, module, x, mb: self._stage_forward(module, x, mb, scale),
+            losses = run_pipeline(p, self.chunks, mbs, lambda _c, module, x, mb: self._timed_forward(module, x, mb, scale),
                                   grad_sync=self.optimizer.grad_sync)
         # Mean token loss: the last stages hold sum * scale per micro-batch (CP ranks: their shares); TP
         # ranks hold copies.
@@ -315,12 +316,17 @@ class Trainer:
         state, guards = self.state, self.cfg.guards
         values = {"loss": r.loss, "grad_norm": r.grad_norm, "lr": lr, "stage": stage.name,
                   "peak_memory_gib": peak_memory_bytes(self.device) / 2**30}
+        rates = dict(tokens=r.tokens, flops=r.flops, seconds=seconds, num_devices=self.parallel.world_size)
         try:
-            values.update(throughput(tokens=r.tokens, flops=r.flops, seconds=seconds,
-                                     num_devices=self.parallel.world_size, peak=self.peak))
+            values.update(throughput(**rates, peak=self.peak))
         except MFUError as err:  # a measured CPU peak can undershoot on a busy machine: report, don't stop
+            values.update(throughput(**rates, peak=UNKNOWN_PEAK))
             values["mfu_note"] = str(err)
-        values.update({f"time_{k}_s": v for k, v in self.timers.elapsed().items()})
+        times = self.timers.elapsed()
+        # Forward and backward interleave in the pipeline schedule: backward (with the receives, sends and
+        # overlapped gradient reductions inside it) is what the schedule took beyond the forward passes.
+        times["backward"] = times.pop("forward_backward", 0.0) - times.get("forward", 0.0)
+        values.update({f"time_{k}_s": v for k, v in times.items()})
         if r.skipped:
             state.skipped_steps += 1
             state.nonfinite_in_a_row += 1
@@ -365,6 +371,10 @@ class Trainer:
         """Loss sum of one micro-batch through this rank's stages (pp > 1: activations over p2p)."""
         losses = forward_only(self.parallel, self.chunks, [mb], lambda _c, module, x, mb: self._stage_forward(module, x, mb))
         return float(losses[0]) if losses else None
+
+    def _timed_forward(self, module, hidden, mb, loss_scale):
+        with self.timers("forward"):
+            return self._stage_forward(module, hidden, mb, loss_scale)
 
     @staticmethod
     def _stage_forward(module, hidden: torch.Tensor | None, mb: dict, loss_scale: float = 1.0) -> torch.Tensor:
