@@ -257,7 +257,8 @@ class Trainer:
             state.consumed_samples += stage.global_batch_size
             self._after_step(stage, result, lr, seconds, logger)
             if eval_set is not None and state.step % cfg.eval.every == 0:
-                logger.log(state.step, {"eval_loss": self.evaluate(eval_set, stage)})
+                eval_loss = self.evaluate(eval_set, stage)
+                logger.log(state.step, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
             if state.stage_step == stage.steps or state.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
 

@@ -1,6 +1,7 @@
 """The trainer on one CPU process: learning, exact resume after SIGKILL (also across a stage boundary),
 a crash in the middle of a checkpoint save, bad run directories."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from internlm2.train.checkpoint_dir import CheckpointError
 from internlm2.train.config import TrainConfig
 from internlm2.config import from_dict
 from internlm2.train import checkpoint as ckpt
-from internlm2.train.trainer import Trainer
+from internlm2.train.trainer import Trainer, TrainingStopped
 from tests.train.tiny_run import ROOT, losses, make_data, pretrain_command, run_pretrain, tiny_config, write_config
 
 
@@ -126,3 +127,23 @@ def test_activation_recompute_trains_identically(data_dir, tmp_path, mode):
     a, b = plain.chunks[0].state_dict(), recomputed.chunks[0].state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypatch):
+    cfg = from_dict(TrainConfig, tiny_config(data_dir, tmp_path / "run", **{"guards.max_nonfinite_in_a_row": 2}))
+    trainer = Trainer(cfg)
+    real_forward = Trainer._stage_forward
+    poisoned = {2, 4, 5}  # step 2 alone is skipped; 4 and 5 in a row stop the run
+
+    def forward(module, hidden, mb, loss_scale=1.0):
+        out = real_forward(module, hidden, mb, loss_scale)
+        return out * float("nan") if module.with_head and trainer.state.step + 1 in poisoned else out
+
+    monkeypatch.setattr(trainer, "_stage_forward", forward)
+    before = {n: p.detach().clone() for n, p in trainer.chunks[0].named_parameters()}
+    with pytest.raises(TrainingStopped, match=r"step 5 \(stage short\): 2 steps in a row had a non-finite loss"):
+        trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in records if r.get("skipped")]
+    assert skipped == [2, 4, 5] and trainer.state.skipped_steps == 3
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.chunks[0].named_parameters())  # steps 1, 3 applied

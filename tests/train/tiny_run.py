@@ -49,7 +49,7 @@ def tiny_config(data_dir: Path, run_dir: Path, **overrides) -> dict:
         node = cfg
         *path, last = key.split(".")
         for part in path:
-            node = node[int(part)] if isinstance(node, list) else node[part]
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
         node[last] = value
     return cfg
 
