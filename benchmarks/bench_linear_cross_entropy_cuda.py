@@ -15,8 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_rms_norm import measured_copy_bandwidth
-from benchmarks.harness import Report, cuda_peak_memory, median_time
+from benchmarks.harness import Report, cuda_peak_memory, measured_copy_bandwidth, median_time
 from internlm2 import ops
 from internlm2.ops.linear_cross_entropy import DEFAULT_CHUNK_BYTES
 

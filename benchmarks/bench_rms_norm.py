@@ -12,19 +12,11 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, median_time
+from benchmarks.harness import Report, measured_copy_bandwidth, median_time
 from internlm2 import ops
 
 SHAPES = [(4096, 4096), (16384, 2048)]
 EPS = 1e-5
-
-
-def measured_copy_bandwidth(device: str) -> float:
-    """Bytes/s of a large device-to-device copy (read + write), the ceiling for memory-bound kernels."""
-    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = median_time(lambda: dst.copy_(src), device, warmup=3, repeats=20)
-    return 2 * src.numel() / t
 
 
 def implementations():

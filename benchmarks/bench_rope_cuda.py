@@ -13,8 +13,7 @@ import argparse
 
 import torch
 
-from benchmarks.bench_rms_norm import measured_copy_bandwidth
-from benchmarks.harness import Report, median_time
+from benchmarks.harness import Report, measured_copy_bandwidth, median_time
 from internlm2 import ops
 
 TOKENS, KV_HEADS, GROUP, HEAD_DIM = 16384, 8, 4, 128

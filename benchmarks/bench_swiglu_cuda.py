@@ -14,8 +14,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_rms_norm import measured_copy_bandwidth
-from benchmarks.harness import Report, median_time
+from benchmarks.harness import Report, measured_copy_bandwidth, median_time
 from internlm2 import ops
 
 SHAPES = [(8192, 8192), (8192, 14336)]

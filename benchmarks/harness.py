@@ -52,6 +52,14 @@ def median_time(fn: Callable[[], object], device: str = "cpu", warmup: int = 3, 
     return statistics.median(times)
 
 
+def measured_copy_bandwidth(device: str) -> float:
+    """Bytes/s of a large device-to-device copy (read + write), the ceiling for memory-bound kernels."""
+    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, warmup=3, repeats=20)
+    return 2 * src.numel() / t
+
+
 def _rss_child(conn, fn):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn()
