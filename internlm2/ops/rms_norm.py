@@ -19,10 +19,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Plain PyTorch RMSNorm in the input dtype with float32 accumulation (the oracle in tests)."""
-    xf = x.float()
+    """Plain PyTorch RMSNorm in the input dtype with (at least) float32 accumulation: float64 inputs stay
+    float64, so the same function is the exact oracle in tests."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd * weight.float()).to(x.dtype)
+    return (xf * rstd * weight.to(compute)).to(x.dtype)
 
 
 @torch.library.register_fake("internlm2::rms_norm_forward")
