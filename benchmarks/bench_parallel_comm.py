@@ -135,9 +135,8 @@ def main() -> None:
         "step (split over DP); numbers are rank 0's sends for one step",
         "payload: tensor bytes handed to the collective; wire: ring-algorithm bytes one rank sends",
         "DP predictions use this rank's parameter count (padding to the shard count adds a few bytes)",
-        "TP rows above 1.0 come from the model's own structure, not the layers: its FeedForward sends w1's and "
-        "w3's inputs into the TP region separately (5 activation collectives per layer, Megatron's fused "
-        "gate/up needs 4 = 18/22 of the total); `column_parallel_input` + `input_prepared=True` shares one",
+        "the model's feed-forward enters the TP region once for w1 and w3 (`column_parallel_input`), so TP "
+        "activations take exactly Megatron's 4 collectives per layer",
         "small all-reduces (cross-entropy statistics, grad norm, SP norm-weight gradients) are not in the "
         "activation formulas; they show as their own rows where their collective type differs",
     ]
