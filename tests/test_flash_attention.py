@@ -230,6 +230,8 @@ def qkv(total=6, heads_q=4, heads_kv=2, head_dim=8, dtype=torch.float32):
         (lambda: (qkv()[0].flatten(1), *qkv()[1:], {}), r"q must have 3 dimensions \[T, Hq, D\]"),
         (lambda: (qkv()[0], qkv(total=5)[1], qkv(total=5)[2], {}), "k must have the tokens and head dim of q"),
         (lambda: (*qkv()[:2], qkv(heads_kv=1)[2], {}), "k and v must have one shape"),
+        (lambda: (*qkv(), {"softmax_scale": -0.5}), "softmax_scale must be finite and >= 0, got -0.5"),
+        (lambda: (*qkv(), {"softmax_scale": float("inf")}), "softmax_scale must be finite and >= 0"),
     ],
 )
 def test_bad_input_names_the_argument(make, message):

@@ -69,7 +69,10 @@ void check_flash_attention_forward(const at::Tensor& q, const at::Tensor& k, con
                                    double softmax_scale) {
   check_qkv(q, k, v, "flash_attention");
   check_cu_seqlens_meta(cu_seqlens, q, max_seqlen, "flash_attention");
-  TORCH_CHECK(std::isfinite(softmax_scale), "flash_attention: softmax_scale must be finite, got ", softmax_scale);
+  // A negative scale turns the softmax upside down (no attention means that); the CUDA kernels also rely
+  // on it, taking each row's max over the unscaled scores.
+  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0,
+              "flash_attention: softmax_scale must be finite and >= 0, got ", softmax_scale);
 }
 
 void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -79,8 +82,8 @@ void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor
                                     double softmax_scale) {
   check_qkv(q, k, v, "flash_attention backward");
   check_cu_seqlens_meta(cu_seqlens, q, max_seqlen, "flash_attention backward");
-  TORCH_CHECK(std::isfinite(softmax_scale), "flash_attention backward: softmax_scale must be finite, got ",
-              softmax_scale);
+  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0,
+              "flash_attention backward: softmax_scale must be finite and >= 0, got ", softmax_scale);
   check_like_q(grad_out, "flash_attention backward: grad_out", q);
   check_like_q(out, "flash_attention backward: out", q);
   check_lse_like(lse, "flash_attention backward: lse", q);

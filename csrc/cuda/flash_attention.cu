@@ -38,16 +38,13 @@ at::Tensor with_aligned_rows(const at::Tensor& t) {
   return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-void check_cuda_support(const at::Tensor& q, int64_t max_seqlen, double softmax_scale, const char* op) {
+void check_cuda_support(const at::Tensor& q, int64_t max_seqlen, const char* op) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
               " on CUDA supports bfloat16 and float16, got ", q.scalar_type(), " (use the CPU op or the reference)");
   const int64_t d = q.size(2);
   TORCH_CHECK(d == 64 || d == 128, op, " on CUDA supports head dims 64 and 128, got ", d);
   TORCH_CHECK((max_seqlen + kLargestBlock - 1) / kLargestBlock <= kMaxGridY, op, ": max_seqlen ", max_seqlen,
               " is beyond the ", int64_t(kMaxGridY) * kLargestBlock, " tokens one sequence may have on CUDA");
-  // The kernels take each row's max over the unscaled scores, which is the max of the scaled ones only
-  // for a non-negative scale.
-  TORCH_CHECK(softmax_scale >= 0, op, " on CUDA needs softmax_scale >= 0, got ", softmax_scale);
 }
 
 void fill_common(flash::FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -88,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q_i
                                                            const std::optional<at::Tensor>& cu_seqlens,
                                                            int64_t max_seqlen, bool causal, double softmax_scale) {
   check_flash_attention_forward(q_in, k_in, v_in, cu_seqlens, max_seqlen, softmax_scale);
-  check_cuda_support(q_in, max_seqlen, softmax_scale, "flash_attention");
+  check_cuda_support(q_in, max_seqlen, "flash_attention");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
   const int64_t total = q.size(0), heads = q.size(1);
@@ -186,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
     const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, bool causal, double softmax_scale) {
   check_flash_attention_backward(grad_out_in, q_in, k_in, v_in, out_in, lse, grad_lse, cu_seqlens, max_seqlen,
                                  softmax_scale);
-  check_cuda_support(q_in, max_seqlen, softmax_scale, "flash_attention backward");
+  check_cuda_support(q_in, max_seqlen, "flash_attention backward");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
   const at::Tensor dout = with_aligned_rows(grad_out_in), out = with_aligned_rows(out_in);

@@ -211,7 +211,7 @@ def test_opcheck():
     [
         (torch.float32, 64, 0.1, "on CUDA supports bfloat16 and float16, got Float"),
         (torch.bfloat16, 72, 0.1, "on CUDA supports head dims 64 and 128, got 72"),
-        (torch.bfloat16, 64, -0.1, "on CUDA needs softmax_scale >= 0, got -0.1"),
+        (torch.bfloat16, 64, -0.1, "softmax_scale must be finite and >= 0, got -0.1"),
     ],
 )
 def test_unsupported_configurations_name_the_problem(dtype, head_dim, scale, message):
