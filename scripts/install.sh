@@ -22,4 +22,6 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 # --no-build-isolation: the extension must be compiled against the torch that will import it.
 $PY -m pip install --no-build-isolation -e ".$extras"
+# pyenv only sees new console scripts (`internlm2`) after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 $PY -m internlm2.env
