@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,7 +108,7 @@ class Trainer:
         dp = p.dp if p.dp is not None else world // (p.tp * p.pp * p.cp)
         self.parallel_config = ParallelConfig(tp=p.tp, pp=p.pp, dp=dp, cp=p.cp, virtual_stages=p.virtual_stages,
                                               zero1_size=p.zero1_size, sequence_parallel=p.sequence_parallel)
-        self.model_config = self._model_config(world)
+        self.model_config = self._model_config()
         shape = dict(num_layers=self.model_config.num_layers, num_attention_heads=self.model_config.num_attention_heads,
                      num_kv_heads=self.model_config.num_key_value_heads, vocab_size=self.model_config.vocab_size)
         if self.distributed:
@@ -136,7 +137,7 @@ class Trainer:
         self.timers = Timers(cuda_sync=self.device.type == "cuda")
 
     # ---- construction ---------------------------------------------------------------------------
-    def _model_config(self, world: int) -> ModelConfig:
+    def _model_config(self) -> ModelConfig:
         model = dict(self.cfg.model)
         tp = self.cfg.parallel.tp
         vocab = self.tokenizer.vocab_size
@@ -232,7 +233,7 @@ class Trainer:
 
     def _run_stage(self, stage: StageConfig, logger: MetricsLogger) -> None:
         cfg, p, state = self.cfg, self.parallel, self.state
-        theta = stage.rope_theta or ModelConfig.from_dict(cfg.model).rope_theta
+        theta = stage.rope_theta or self.model_config.rope_theta
         for chunk in self.chunks:
             chunk.config = chunk.config.replace(rope_theta=theta)
         dataset = stage_dataset(stage.data or self.data.train, self.tokenizer, stage.seq_len)
@@ -272,7 +273,7 @@ class Trainer:
                                self.tokenizer.pad_id)
         return to_device(batch, self.device)
 
-    def _schedule(self, stage: StageConfig) -> WarmupCosine:
+    def _schedule(self, stage: StageConfig) -> Callable[[int], float]:
         """This stage's learning rate by its own step: its own schedule, or its span of the run-wide one."""
         if stage.lr is not None:
             return WarmupCosine(stage.lr.peak_lr, stage.lr.warmup_steps, stage.steps, stage.lr.min_lr_ratio)
