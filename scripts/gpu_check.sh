@@ -65,7 +65,7 @@ driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null
 note "card: $card, driver ${driver:-unknown}, torch $($PY -c 'import torch; print(torch.__version__)')"
 
 if [ "$DRY" = 1 ]; then
-  note "dry run: would run the CUDA tests (pytest tests -k cuda) and: ${BENCHMARKS[*]}"
+  note "dry run: would run the CUDA tests (pytest tests -k cuda), the tiny run in bf16, and: ${BENCHMARKS[*]}"
   printf '%s\n' "${SUMMARY[@]}"
   exit 0
 fi
@@ -74,6 +74,19 @@ t1=$(date +%s)
 timeout 300 $PY -m pytest tests -k cuda -q -rfEs -p no:cacheprovider > "$LOGS/cuda_tests.log" 2>&1
 test_rc=$?
 note "CUDA tests: $(tail -1 "$LOGS/cuda_tests.log") (exit $test_rc, $(elapsed $t1))"
+
+# End to end on the GPU: the tiny default for a few steps in bf16 (every op through its CUDA kernel, the
+# trainer, checkpointing, export). The last logged line carries loss and tokens/s.
+t3=$(date +%s)
+rm -rf /tmp/gpu_check_tiny
+if timeout 180 $PY -m internlm2.cli pretrain --config configs/tiny.yaml --set run_dir=/tmp/gpu_check_tiny \
+    --set dtype=bfloat16 --set stages.0.steps=30 --set stages.1.steps=10 --set eval.every=20 \
+    --set logging.progress=false > "$LOGS/tiny_run.log" 2>&1; then
+  last=$(grep -h '"loss"' /tmp/gpu_check_tiny/metrics.jsonl | tail -1 | cut -c1-160)
+  note "tiny end-to-end run (bf16, 40 steps): ok ($(elapsed $t3)); last step: $last"
+else
+  note "tiny end-to-end run (bf16): FAILED ($(elapsed $t3)); see tiny_run.log"
+fi
 
 : > "$LOGS/benchmarks.md"
 for bench in "${BENCHMARKS[@]}"; do
