@@ -35,7 +35,7 @@ from internlm2.parallel.pipeline import forward_only, local_stages, run_pipeline
 from internlm2.parallel.recompute import apply_activation_recompute
 from internlm2.parallel.tensor_parallel import local_shard
 from internlm2.train import checkpoint as ckpt
-from internlm2.train.checkpoint_dir import CheckpointDirectory, check_writable
+from internlm2.train.checkpoint_dir import CheckpointDirectory, CheckpointError, check_writable
 from internlm2.train.config import StageConfig, TrainConfig
 from internlm2.train.data_setup import eval_batches, micro_batches, resolve_data, stage_dataset, to_device
 from internlm2.train.flops import DecoderShape, document_lengths, training_flops
@@ -202,6 +202,14 @@ class Trainer:
         if self.distributed:
             dist.barrier()
 
+    def _from_rank0(self, value):
+        """Rank 0's `value` on every rank."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _all_reduce(self, t: torch.Tensor, group=None) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(t, group=group)
@@ -212,10 +220,16 @@ class Trainer:
         cfg = self.cfg
         self.checkpoints.remove_incomplete()
         resumed = self._resume()
+        problem = None
         if self.rank == 0:
-            check_writable(self.run_dir, _checkpoint_bytes(self.chunks, self.parallel))
-            save_yaml(cfg, self.run_dir / "config.yaml")
-        self.barrier()
+            try:
+                check_writable(self.run_dir, _checkpoint_bytes(self.chunks, self.parallel))
+                save_yaml(cfg, self.run_dir / "config.yaml")
+            except (CheckpointError, OSError) as err:
+                problem = str(err)
+        problem = self._from_rank0(problem)  # every rank stops at once, none waits in a barrier for a timeout
+        if problem is not None:
+            raise CheckpointError(problem)
         self.peak = device_peak(self.device, dtype=_DTYPES[cfg.dtype])
         logger = MetricsLogger(self.run_dir, rank=self.rank, total_steps=cfg.total_steps, start_step=self.state.step,
                                tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)

@@ -2,9 +2,12 @@
 
 Runs torchrun with CPU gloo processes; the continued losses must match the original run's own next steps."""
 
+import os
+import subprocess
+
 import pytest
 
-from tests.train.tiny_run import losses, make_data, run_pretrain, tiny_config, write_config
+from tests.train.tiny_run import ROOT, losses, make_data, pretrain_command, run_pretrain, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +44,15 @@ def test_context_parallel_run_equals_one_process(data_dir, tmp_path):
     assert sorted(got) == sorted(expected) == list(range(1, 6))
     for step in expected:
         assert abs(got[step] - expected[step]) <= 1e-5, (step, got[step], expected[step])
+
+
+def test_unwritable_run_directory_stops_every_rank_at_once(data_dir, tmp_path):
+    """Rank 0 finds the problem; the others must stop too instead of waiting in a collective."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    config = write_config(tiny_config(data_dir, blocker / "run", parallel={"dp": 2}), tmp_path / "c.yaml")
+    env = dict(os.environ, OMP_NUM_THREADS="1", INTERNLM2_PG_TIMEOUT_S="300")
+    result = subprocess.run(pretrain_command(config, nproc=2), cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=150)  # far below the process-group timeout: nobody waited for it
+    assert result.returncode != 0
+    assert "is not writable" in result.stderr
