@@ -85,6 +85,9 @@ def save(directory: Path, trainer: "Trainer") -> None:
             "optimizer_step": trainer.optimizer.step_count,
             "world_size": trainer.parallel.world_size,
             "stages": [s.name for s in trainer.cfg.stages],
+            # The model as it trains now (vocabulary as resolved, the current stage's RoPE base), which an
+            # export must describe: the config file's `model` section alone is not that model.
+            "model_config": trainer.chunks[0].config.to_dict(),
         }
         (directory / "trainer_state.json").write_text(json.dumps(payload, indent=1) + "\n")
         save_yaml(trainer.cfg, directory / "config.yaml")

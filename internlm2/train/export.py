@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-import yaml
 
 from internlm2.model import ModelConfig
 from internlm2.model.pretrained import full_parameter_shapes, write_pretrained
@@ -23,9 +22,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def checkpoint_model_config(checkpoint: Path) -> ModelConfig:
-    """The model configuration a training checkpoint was written with (from its config.yaml)."""
-    cfg = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    return ModelConfig.from_dict(cfg["model"])
+    """The configuration of the model a training checkpoint holds, as it was training when saved (the
+    resolved vocabulary, the current stage's RoPE base)."""
+    meta = json.loads((checkpoint / "trainer_state.json").read_text())
+    return ModelConfig.from_dict(meta["model_config"])
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, model_config: ModelConfig | None = None, fmt: str = "internlm2",

@@ -36,7 +36,7 @@ def finish(trainer) -> None:
     final = trainer.checkpoints.latest()
     hf_dir = run_dir / "hf"
     if cfg.checkpoint.export_hf and final is not None:
-        export_hf(final, hf_dir, model_config=trainer.model_config, tokenizer_directory=trainer.data.tokenizer,
+        export_hf(final, hf_dir, tokenizer_directory=trainer.data.tokenizer,
                   dtype=torch.float32, overwrite=True)
         print(f"exported {final.name} to {hf_dir}")
     if cfg.sample is not None and (hf_dir / "config.json").is_file():

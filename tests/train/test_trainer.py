@@ -32,7 +32,8 @@ def test_tiny_run_learns_and_logs_every_step(data_dir, tmp_path):
     first, last = sum(run[s] for s in (1, 2)) / 2, sum(run[s] for s in (23, 24)) / 2
     assert first > 6.5  # ~ln(1024) at initialisation
     assert last < first - 0.6, f"training loss fell only from {first:.3f} to {last:.3f}"
-    assert (tmp_path / "run" / "hf" / "config.json").is_file()
+    hf_config = json.loads((tmp_path / "run" / "hf" / "config.json").read_text())
+    assert hf_config["rope_theta"] == 100000.0  # the last stage's base, not the preset's
     assert (tmp_path / "run" / "metrics.png").is_file()
 
 
