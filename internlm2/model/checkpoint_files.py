@@ -96,16 +96,47 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
-    def get(self, name: str) -> torch.Tensor:
+    def _lazy(self, name: str):
+        """(file name, a handle on tensor `name` that reads nothing yet: a safetensors slice, or the
+        memory-mapped tensor of a legacy .bin file)."""
         filename = self._file_of[name]
         handle = self._handle(filename)
         try:
-            tensor = handle.get_tensor(name) if filename.endswith(".safetensors") else handle[name]
+            lazy = handle.get_slice(name) if filename.endswith(".safetensors") else handle[name]
         except (SafetensorError, KeyError) as err:
             raise CheckpointError(f"tensor {name} is listed for {self.directory / filename} but unreadable: {err}") from err
-        if not isinstance(tensor, torch.Tensor):
+        if not filename.endswith(".safetensors") and not isinstance(lazy, torch.Tensor):
             raise CheckpointError(f"{name} in {self.directory / filename} is not a tensor")
-        return tensor
+        return filename, lazy
+
+    def shape(self, name: str) -> torch.Size:
+        """The shape of tensor `name`, read from the file's header (no data)."""
+        return _shape(*self._lazy(name))
+
+    def get(self, name: str, part: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """Tensor `name`, or with `part=(dim, index, parts)` only its chunk `index` of `parts` equal chunks
+        along `dim`: then only that chunk's bytes are read (a tensor-parallel shard costs its own size)."""
+        filename, lazy = self._lazy(name)
+        shape = _shape(filename, lazy)
+        index: tuple = (...,)
+        if part is not None:
+            dim, i, parts = part
+            if shape[dim] % parts:
+                raise CheckpointError(f"tensor {name} in {self.directory / filename}: dim {dim} of shape "
+                                      f"{tuple(shape)} does not split into {parts} equal parts")
+            size = shape[dim] // parts
+            index = (slice(None),) * dim + (slice(i * size, (i + 1) * size),)
+        try:
+            if filename.endswith(".safetensors"):
+                return lazy[index]
+            return lazy[index].clone()  # out of the memory map: only the chunk's pages are read
+        except (SafetensorError, RuntimeError) as err:
+            raise CheckpointError(f"cannot read tensor {name} from {self.directory / filename} (corrupt or "
+                                  f"truncated?): {err}") from err
+
+
+def _shape(filename: str, lazy) -> torch.Size:
+    return torch.Size(lazy.get_shape() if filename.endswith(".safetensors") else lazy.shape)
 
 
 def parse_size(size: int | str) -> int:

@@ -44,6 +44,10 @@ _IGNORED = {
     "decoder_start_token_id", "task_specific_params",
 }
 
+# Fields of InternLM2's released reward-model configs that concern their scalar head, not the language model
+# this reader builds (`reward_token_id`: the token whose hidden state is scored).
+_HEAD_FIELDS = {"reward_token_id"}
+
 # HF fields whose only supported value is the one InternLM2 uses (anything else changes the math).
 _REQUIRED_VALUES = {
     "hidden_act": ("silu",),
@@ -79,7 +83,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> tuple[M
     for key, allowed in _REQUIRED_VALUES.items():
         if key in hf and hf[key] not in allowed:
             raise ConfigError(f"{where}: {key}={hf[key]!r} is not supported (InternLM2 models use {allowed[0]!r})")
-    known = set(_COMMON_FIELDS.values()) | _IGNORED | set(_REQUIRED_VALUES) | {
+    known = set(_COMMON_FIELDS.values()) | _IGNORED | _HEAD_FIELDS | set(_REQUIRED_VALUES) | {
         "rope_theta", "rope_scaling", "rope_parameters", "head_dim",
     }
     unknown = sorted(set(hf) - known)
@@ -104,10 +108,21 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> tuple[M
         raise ConfigError(f"{where}: {err}") from err
 
 
+# InternLM2's released checkpoints name their remote code (configuration_internlm2.py and
+# modeling_internlm2.py, loaded with `trust_remote_code=True`) in `auto_map`; so do our exports.
+INTERNLM2_AUTO_MAP = {
+    "AutoConfig": "configuration_internlm2.InternLM2Config",
+    "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+}
+
+
 def config_to_hf(config: ModelConfig, fmt: str, torch_dtype: str) -> dict:
-    """The config.json of `config` in format `fmt` ("internlm2" or "llama")."""
+    """The config.json of `config` in format `fmt`: "internlm2" as InternLM2's released checkpoints write
+    it (what their remote code reads), or "llama" for transformers' LlamaForCausalLM."""
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+    factor = config.rope_scaling_factor
     hf: dict = {
         "architectures": ["InternLM2ForCausalLM" if fmt == "internlm2" else "LlamaForCausalLM"],
         "model_type": fmt,
@@ -115,11 +130,6 @@ def config_to_hf(config: ModelConfig, fmt: str, torch_dtype: str) -> dict:
         "hidden_act": "silu",
         "tie_word_embeddings": False,
         "rope_theta": config.rope_theta,
-        # Both spellings of the scaling type: older readers look for "type", newer ones for "rope_type".
-        "rope_scaling": (
-            None if config.rope_scaling_factor is None
-            else {"type": "dynamic", "rope_type": "dynamic", "factor": config.rope_scaling_factor}
-        ),
         "torch_dtype": torch_dtype,
         "use_cache": True,
     }
@@ -129,9 +139,14 @@ def config_to_hf(config: ModelConfig, fmt: str, torch_dtype: str) -> dict:
                 f"the InternLM2 format needs head_dim ({config.head_size}) x num_attention_heads "
                 f"({config.num_attention_heads}) == hidden_size ({config.hidden_size}); save as 'llama' instead"
             )
-        hf["bias"] = False
+        # InternLM2Config accepts rope_scaling only as exactly {type, factor} with a float factor, and its
+        # attention reads pretraining_tp (1: plain matmuls) and attn_implementation.
+        hf.update(auto_map=INTERNLM2_AUTO_MAP, bias=False, pretraining_tp=1, attn_implementation="eager",
+                  rope_scaling=None if factor is None else {"type": "dynamic", "factor": float(factor)})
     else:
-        hf.update(head_dim=config.head_size, attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+        # Both spellings of the scaling type: older transformers read "type", newer ones "rope_type".
+        hf.update(head_dim=config.head_size, attention_bias=False, mlp_bias=False, attention_dropout=0.0,
+                  rope_scaling=None if factor is None else {"type": "dynamic", "rope_type": "dynamic", "factor": factor})
     return hf
 
 

@@ -102,22 +102,6 @@ class InternLM2ForCausalLM(nn.Module):
     def with_head(self) -> bool:
         return self.output is not None
 
-    # ---- HF checkpoints (see pretrained.py)
-    @classmethod
-    def from_pretrained(cls, directory, **kwargs) -> "InternLM2ForCausalLM":
-        """Loads an HF InternLM2 or Llama checkpoint directory (`parallel`, `dtype`, `device`, `kernels`
-        and the stage arguments as keywords)."""
-        from internlm2.model.pretrained import load_pretrained
-
-        return load_pretrained(directory, **kwargs)
-
-    def save_pretrained(self, directory, format: str = "internlm2", **kwargs):
-        """Writes an HF checkpoint directory in the InternLM2 or Llama layout (`dtype`, `max_shard_size`,
-        `tokenizer_directory`, `overwrite` as keywords)."""
-        from internlm2.model.pretrained import save_pretrained
-
-        return save_pretrained(self, directory, fmt=format, **kwargs)
-
     # ---- forward
     def forward(
         self,

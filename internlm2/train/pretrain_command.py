@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def finish(trainer) -> None:
     """Rank 0, after training: HF export, a sample from the exported model, plots, the learning summary."""
     from internlm2.data import Tokenizer
-    from internlm2.model import InternLM2ForCausalLM
+    from internlm2.model import load_pretrained
     from internlm2.model.generation import SamplingParams, generate
     from internlm2.train.data_setup import unigram_entropy
     from internlm2.train.export import export_hf
@@ -40,7 +40,7 @@ def finish(trainer) -> None:
                   dtype=torch.float32, overwrite=True)
         print(f"exported {final.name} to {hf_dir}")
     if cfg.sample is not None and (hf_dir / "config.json").is_file():
-        model = InternLM2ForCausalLM.from_pretrained(hf_dir)
+        model = load_pretrained(hf_dir)
         tokenizer = Tokenizer.load(trainer.data.tokenizer)
         prompt = tokenizer.encode(cfg.sample.prompt, bos=True)
         s = cfg.sample

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from internlm2.config import save_yaml
 from internlm2.data import Tokenizer
 from internlm2.data.packing import pad_pieces
-from internlm2.model import InternLM2ForCausalLM, ModelConfig
+from internlm2.model import InternLM2ForCausalLM, ModelConfig, load_into
 from internlm2.parallel import ParallelConfig, ParallelState, init_distributed
 from internlm2.parallel.optimizer import DistributedOptimizer
 from internlm2.parallel.pipeline import forward_only, local_stages, run_pipeline
@@ -186,16 +186,8 @@ class Trainer:
                 param.copy_(local_shard(name, param, full, self.parallel))
 
     def _load_hf(self, directory: str) -> None:
-        from internlm2.parallel import load_full_state_dict
-
-        source = InternLM2ForCausalLM.from_pretrained(directory, dtype=torch.float32, device="cpu")
-        if source.config.vocab_size != self.model_config.vocab_size:
-            raise ValueError(f"init_from {directory}: vocabulary {source.config.vocab_size} != model.vocab_size "
-                             f"{self.model_config.vocab_size}")
-        full = source.state_dict()
-        for chunk in self.chunks:
-            names = dict(chunk.named_parameters())
-            load_full_state_dict(chunk, {k: v.to(self.device) for k, v in full.items() if k in names}, self.parallel)
+        """Each rank streams its own pipeline chunks' tensor-parallel shards from the HF checkpoint."""
+        load_into(self.chunks, directory, self.parallel, config=self.model_config)
 
     # ---- collectives ----------------------------------------------------------------------------
     def barrier(self) -> None:
