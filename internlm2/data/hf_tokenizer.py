@@ -34,18 +34,73 @@ def _added_token(content: str) -> dict:
 def _model_naming_chat_tokens(tokenizer: Tokenizer) -> bytes:
     """The SentencePiece model with each chat token's piece renamed to the token (unchanged bytes when every
     one is named already)."""
-    spares = {i: t for t, i in tokenizer.special_ids.items() if tokenizer.id_to_piece(i) != t}
-    if not spares:
-        return tokenizer.model_proto
-    # Imported only here: transformers 4.x registers the same protobuf file name and then fails to
-    # convert SentencePiece tokenizers in a process that has loaded this module.
-    from sentencepiece import sentencepiece_model_pb2
+    names = {i: t for t, i in tokenizer.special_ids.items() if tokenizer.id_to_piece(i) != t}
+    return _rename_pieces(tokenizer.model_proto, names) if names else tokenizer.model_proto
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(tokenizer.model_proto)
-    for i, token in spares.items():
-        proto.pieces[i].piece = token
-    return proto.SerializeToString()
+
+# The model file is a protobuf `ModelProto` whose field 1 repeats `SentencePiece {1: piece, 2: score, 3:
+# type}`. It is edited in wire format rather than through sentencepiece's generated protobuf module:
+# transformers 4.x registers the same .proto file name, and a process holding both fails to load either.
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def _fields(message: bytes):
+    """(field number, wire type, the field's bytes including its key) of a protobuf message, in order."""
+    pos = 0
+    while pos < len(message):
+        start = pos
+        key, pos = _read_varint(message, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _read_varint(message, pos)
+        elif wire == 2:
+            length, pos = _read_varint(message, pos)
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire} in a SentencePiece model")
+        yield key >> 3, wire, message[start:pos]
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _payload(raw: bytes) -> bytes:
+    _, pos = _read_varint(raw, 0)
+    length, pos = _read_varint(raw, pos)
+    return raw[pos:pos + length]
+
+
+def _rename_pieces(model: bytes, names: dict[int, str]) -> bytes:
+    out, index = bytearray(), 0
+    for field, wire, raw in _fields(model):
+        if field == 1 and wire == 2:
+            if index in names:
+                piece = b"".join(_length_delimited(1, names[index].encode()) if (f, w) == (1, 2) else r
+                                 for f, w, r in _fields(_payload(raw)))
+                raw = _length_delimited(1, piece)
+            index += 1
+        out += raw
+    return bytes(out)
 
 
 def hf_tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:

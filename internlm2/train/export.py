@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from internlm2.data import Tokenizer, hf_tokenizer_files
 from internlm2.model import ModelConfig
 from internlm2.model.pretrained import full_parameter_shapes, write_pretrained
 from internlm2.train.checkpoint import single_process_quiet
@@ -31,7 +32,8 @@ def checkpoint_model_config(checkpoint: Path) -> ModelConfig:
 def export_hf(checkpoint: str | Path, out: str | Path, *, model_config: ModelConfig | None = None, fmt: str = "internlm2",
               dtype: torch.dtype | None = torch.bfloat16, tokenizer_directory: str | Path | None = None,
               overwrite: bool = False) -> Path:
-    """Writes the model of training checkpoint `checkpoint` as an HF checkpoint at `out` (atomically)."""
+    """Writes the model of training checkpoint `checkpoint` as an HF checkpoint at `out` (atomically), with
+    the HF tokenizer files of `tokenizer_directory` (a directory holding tokenizer.model, or the file)."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / "dcp").is_dir() or not (checkpoint / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete training checkpoint (no dcp/ or trainer_state.json)")
@@ -44,8 +46,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, model_config: ModelCon
                 dcp.load(target, checkpoint_id=checkpoint / "dcp")
             yield name, target[f"model.{name}"]
 
+    tokenizer_files = hf_tokenizer_files(Tokenizer.load(tokenizer_directory)) if tokenizer_directory else None
     return write_pretrained(out, config, tensors(), fmt=fmt, dtype=dtype, source_directory=tokenizer_directory,
-                            overwrite=overwrite)
+                            tokenizer_files=tokenizer_files, overwrite=overwrite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="HF checkpoint directory to write")
     parser.add_argument("--format", choices=("internlm2", "llama"), default="internlm2")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
-    parser.add_argument("--tokenizer", help="directory whose tokenizer files to copy alongside")
+    parser.add_argument("--tokenizer", help="the run's tokenizer (directory or tokenizer.model): its HF files go alongside")
     parser.add_argument("--overwrite", action="store_true")
 
 
