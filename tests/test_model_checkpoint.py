@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from internlm2.cli import main as cli_main
+from internlm2.data import Tokenizer, train_tokenizer
 from internlm2.model import ConfigError, convert_checkpoint, load_pretrained, save_pretrained
 from internlm2.model.checkpoint_files import CheckpointError
 from internlm2.model.hf_layout import fuse_qkv, split_wqkv
@@ -30,13 +31,19 @@ def assert_bitwise_equal(a: dict, b: dict):
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
+@pytest.fixture(scope="module")
+def tokenizer_model(tmp_path_factory) -> bytes:
+    docs = [f"The quick brown fox {i} jumps over the lazy dog.\nPack my box with five dozen liquor jugs." for i in range(50)]
+    return train_tokenizer(docs, tmp_path_factory.mktemp("tok"), 320).model_proto
+
+
 @pytest.fixture
-def internlm2_dir(tmp_path):
+def internlm2_dir(tmp_path, tokenizer_model):
     """An InternLM2-layout checkpoint (bf16, as released) with a tokenizer file beside it."""
     model = random_model(tiny_config(), dtype=torch.bfloat16)
     path = tmp_path / "internlm2"
     save_pretrained(model, path)
-    (path / "tokenizer.model").write_bytes(b"not a real sentencepiece model, copied verbatim")
+    (path / "tokenizer.model").write_bytes(tokenizer_model)
     return path
 
 
@@ -222,10 +229,27 @@ def test_internlm2_layout_needs_head_dim_times_heads_equal_hidden(tmp_path):
 # ---- the command line
 
 def test_convert_command_round_trip(internlm2_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
     assert cli_main(["convert", "--from", str(internlm2_dir), "--to", str(tmp_path / "l"), "--format", "llama"]) == 0
     assert cli_main(["convert", "--from", str(tmp_path / "l"), "--to", str(tmp_path / "i"), "--format", "internlm2",
                      "--max-shard-size", "30KB"]) == 0
     assert_bitwise_equal(read_all(internlm2_dir), read_all(tmp_path / "i"))
+    config = json.loads((tmp_path / "i" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_internlm2.InternLM2ForCausalLM"
+    assert config["pretraining_tp"] == 1 and config["rope_scaling"] == {"type": "dynamic", "factor": 2.0}
+    # The Llama target loads in plain transformers, tokenizer included.
+    tokenizer = Tokenizer.load(internlm2_dir)
+    text = "<|im_start|>user\nThe quick brown fox<|im_end|>\n"
+    assert AutoTokenizer.from_pretrained(tmp_path / "l")(text)["input_ids"] == tokenizer.encode(text, bos=True)
+    ids = torch.tensor([tokenizer.encode(text, bos=True)])
+    with torch.no_grad():
+        theirs = LlamaForCausalLM.from_pretrained(tmp_path / "l", dtype=torch.float32)(ids).logits
+        ours = load_pretrained(tmp_path / "i", kernels="reference", dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    for target in ("l", "i"):
+        assert Tokenizer.load(tmp_path / target).special_ids == tokenizer.special_ids
+        assert (tmp_path / target / "tokenizer.model").read_bytes() == tokenizer.model_proto  # names them already
     assert cli_main(["convert", "--from", str(tmp_path / "nowhere"), "--to", str(tmp_path / "x"),
                      "--format", "llama"]) == 1
     assert "nowhere" in capsys.readouterr().err
