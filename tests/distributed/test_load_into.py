@@ -25,10 +25,10 @@ def whole_model_then_shard(chunks, directory, parallel) -> None:
         load_full_state_dict(chunk, {k: v for k, v in full.items() if k in names}, parallel)
 
 
-def build_chunks(config, parallel, dtype) -> list[InternLM2ForCausalLM]:
+def build_chunks(config, parallel, dtype, device=None) -> list[InternLM2ForCausalLM]:
     """This rank's pipeline chunks, as the trainer builds them."""
     return [InternLM2ForCausalLM(config, parallel, layer_ids=s.layer_ids, with_embedding=s.with_embedding,
-                                 with_head=s.with_head, dtype=dtype)
+                                 with_head=s.with_head, dtype=dtype, device=device)
             for s in local_stages(config.num_layers, parallel)]
 
 
