@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from internlm2.cli import main as cli_main
 from internlm2.data import Tokenizer, train_tokenizer
 from internlm2.model import ConfigError, convert_checkpoint, load_pretrained, save_pretrained
-from internlm2.model.checkpoint_files import CheckpointError
+from internlm2.model.checkpoint_files import CheckpointError, CheckpointReader
 from internlm2.model.hf_layout import fuse_qkv, split_wqkv
 from tests.test_model_support import random_ids, random_model, tiny_config
 
@@ -109,6 +109,24 @@ def test_legacy_bin_checkpoint_loads_without_pickle(internlm2_dir, tmp_path):
     model = load_pretrained(legacy, kernels="reference")
     for name, param in model.named_parameters():
         assert torch.equal(param, tensors[name]), name
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_reader_returns_one_chunk_of_a_tensor(internlm2_dir, tmp_path, kind):
+    tensors = read_all(internlm2_dir)
+    directory = internlm2_dir
+    if kind == "bin":
+        directory = tmp_path / "legacy"
+        directory.mkdir()
+        torch.save(tensors, directory / "pytorch_model.bin")
+    reader = CheckpointReader(directory)
+    name = "model.layers.0.attention.wqkv.weight"
+    for dim in (0, 1):
+        for i in range(4):
+            assert torch.equal(reader.get(name, (dim, i, 4)), tensors[name].chunk(4, dim)[i])
+    assert reader.shape(name) == tensors[name].shape and torch.equal(reader.get(name), tensors[name])
+    with pytest.raises(CheckpointError, match=r"dim 1 of shape \(96, 64\) does not split into 5 equal parts"):
+        reader.get(name, (1, 0, 5))
 
 
 def test_legacy_bin_with_pickled_code_is_refused(internlm2_dir, tmp_path):
