@@ -3,9 +3,9 @@
 The oracles are the released files themselves (config.json and tokenizer_config.json of
 internlm2-chat-1_8b and internlm2-1_8b-reward, key for key below), transformers' own tokenizer on the
 exported tokenizer files, and, when `INTERNLM2_REMOTE_CODE` names a directory holding InternLM2's
-`configuration_internlm2.py` and `modeling_internlm2.py` (from its HF repositories, which this project
-does not ship), that remote code run on an export. The remote code needs the transformers of its day
-(4.x) and einops.
+`configuration_internlm2.py` and `modeling_internlm2.py` (and `tokenization_internlm2.py`), from its HF
+repositories, which this project does not ship, that remote code run on an export. The remote code needs
+the transformers of its day (4.x) and einops.
 """
 
 import json
@@ -204,3 +204,16 @@ def test_internlm2_remote_code_runs_the_export(dtype, tmp_path):
     # fp32: the same math. bf16: within 3x our own bf16 error against fp32 (measured 0.6-2.1x over seeds:
     # their code also rounds the RoPE tables and attention probabilities to bf16).
     assert their_error <= (1e-4 if dtype == torch.float32 else 3 * ours_error + 1e-2), (their_error, ours_error)
+
+
+@pytest.mark.skipif(not REMOTE_CODE or not (Path(REMOTE_CODE) / "tokenization_internlm2.py").is_file(),
+                    reason="set INTERNLM2_REMOTE_CODE to a directory with InternLM2's tokenization_internlm2.py")
+def test_internlm2_remote_tokenizer_reads_the_export(tokenizer, tmp_path):
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    directory = exported_tokenizer(tokenizer, tmp_path / "tok")
+    shutil.copy(Path(REMOTE_CODE) / "tokenization_internlm2.py", directory)
+    theirs = get_class_from_dynamic_module("tokenization_internlm2.InternLM2Tokenizer", directory).from_pretrained(
+        directory)
+    for text in TEXTS:
+        assert theirs(text)["input_ids"] == tokenizer.encode(text, bos=True), text
