@@ -142,7 +142,7 @@ class ParallelState:
     """This rank's place in the (pp, dp, cp, tp) grid and the process groups of each dimension.
 
     Sizes and ranks: `tp_size`, `tp_rank`, `pp_size`, `pp_rank`, `dp_size`, `dp_rank`, `cp_size`, `cp_rank`.
-    Groups: `tp_group`, `pp_group`, `dp_group`, `cp_group`, `dp_cp_group` (gradient reduction),
+    Groups: `world_group` (every rank), `tp_group`, `pp_group`, `dp_group`, `cp_group`, `dp_cp_group` (gradient reduction),
     `zero_group` / `zero_replica_group` (ZeRO-1 sharding), `pp_fwd_group` / `pp_bwd_group` (activations /
     gradients between stages). A group is None in the single-process state.
     """
@@ -169,6 +169,7 @@ class ParallelState:
         self.mesh = init_device_mesh(
             self.device_type, tuple(self.grid.shape), mesh_dim_names=DIMS)
         self.pp_group, self.dp_group, self.cp_group, self.tp_group = (self.mesh.get_group(d) for d in DIMS)
+        self.world_group = dist.group.WORLD
         if timeout is not None:  # the mesh's groups inherit the default group's timeout unless told otherwise
             for group in (self.pp_group, self.dp_group, self.cp_group, self.tp_group):
                 dist.set_timeout(timeout, group)
@@ -209,7 +210,7 @@ class ParallelState:
         self.coordinate = (0, 0, 0, 0)
         self.mesh = None
         self.timeout = None
-        for name in ("pp", "dp", "cp", "tp", "dp_cp", "zero", "zero_replica", "pp_fwd", "pp_bwd"):
+        for name in ("world", "pp", "dp", "cp", "tp", "dp_cp", "zero", "zero_replica", "pp_fwd", "pp_bwd"):
             setattr(self, f"{name}_group", None)
         return self
 
