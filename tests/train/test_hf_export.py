@@ -30,7 +30,7 @@ def trained(data_dir, tmp_path_factory):
     cfg = tiny_config(data_dir, run, **{"stages.0.steps": 2, "stages.1.steps": 1, "checkpoint.every": 3})
     trainer = Trainer(from_dict(TrainConfig, cfg))
     trainer.run()
-    return trainer, {n: p.detach().clone() for n, p in trainer.chunks[0].named_parameters()}
+    return trainer, {n: p.detach().clone() for n, p in trainer.engine.chunks[0].named_parameters()}
 
 
 @pytest.mark.parametrize("fmt", ["internlm2", "llama"])
@@ -39,7 +39,7 @@ def test_export_command_writes_the_released_format(trained, data_dir, tmp_path, 
     out = tmp_path / "hf"
     assert cli_main(["export", "--checkpoint", str(trainer.checkpoints.latest()), "--out", str(out),
                      "--format", fmt, "--dtype", "float32", "--tokenizer", str(data_dir / "tokenizer")]) == 0
-    assert "exported step 3" in capsys.readouterr().out
+    assert "exported step_00000003 (model)" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert config["rope_theta"] == 100000.0  # the base of the stage last trained
     if fmt == "internlm2":
@@ -69,7 +69,7 @@ def test_init_from_an_export_starts_from_its_weights(trained, data_dir, tmp_path
                      "--dtype", "float32"]) == 0
     cfg = tiny_config(data_dir, tmp_path / "continued", init_from=str(tmp_path / "hf"))
     continued = Trainer(from_dict(TrainConfig, cfg))
-    for name, param in continued.chunks[0].named_parameters():
+    for name, param in continued.engine.chunks[0].named_parameters():
         assert torch.equal(param, weights[name]), name
 
     wider = tiny_config(data_dir, tmp_path / "wider", init_from=str(tmp_path / "hf"),
