@@ -19,8 +19,8 @@ Messages. Activations travel on `parallel.pp_fwd_group`, gradients on `parallel.
 communicators, so that on each (sender, receiver) channel messages arrive in the order they were sent,
 also at pp=2 where the same two ranks exchange both (Megatron-LM#750). Sends are asynchronous and receives
 block, so a schedule that `pipeline_schedule.simulate` completes cannot deadlock. A sent tensor is kept
-alive only until its send completes (checked after every action), so a stage holds about as many
-activations as the schedule has in flight, not one per micro-batch. Activations may change shape between
+alive only until its send completes (`comm.InFlightSends`), so a stage holds about as many activations as
+the schedule has in flight, not one per micro-batch. Activations may change shape between
 micro-batches (packed rows): each is preceded by a small header with its shape and dtype; gradients have
 the shape of the activation they belong to.
 """
@@ -72,7 +72,7 @@ def local_stages(num_layers: int, parallel: ParallelState) -> list[StageSpec]:
     return out
 
 
-def _send_activation(x: torch.Tensor, parallel: ParallelState, pending: list) -> None:
+def _send_activation(x: torch.Tensor, parallel: ParallelState, pending: comm.InFlightSends) -> None:
     if x.dim() > _HEADER_LEN - 2 or x.dtype not in _DTYPES:
         raise ValueError(f"pipeline: cannot send an activation of shape {tuple(x.shape)} and dtype {x.dtype} "
                          f"(at most {_HEADER_LEN - 2} dims, dtype in {_DTYPES})")
@@ -80,8 +80,8 @@ def _send_activation(x: torch.Tensor, parallel: ParallelState, pending: list) ->
     header = torch.tensor(header, dtype=torch.int64, device=x.device)
     payload = x.detach().contiguous()
     group, dst = parallel.pp_fwd_group, parallel.next_stage_rank
-    pending.append((comm.isend(header, dst, group), header))
-    pending.append((comm.isend(payload, dst, group), payload))
+    pending.add(comm.isend(header, dst, group), header, group)
+    pending.add(comm.isend(payload, dst, group), payload, group)
 
 
 def _recv_activation(parallel: ParallelState, requires_grad: bool = True) -> torch.Tensor:
@@ -118,7 +118,7 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
     inputs: dict[tuple[int, int], torch.Tensor | None] = {}
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     losses: dict[int, torch.Tensor] = {}
-    pending: list = []  # (work, tensor kept alive until the send completes)
+    pending = comm.InFlightSends(parallel.timeout)
     actions = build_schedule(parallel.pp_rank, pp, v, m)
     last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind == "B"}
     for index, action in enumerate(actions):
@@ -145,11 +145,12 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
                 torch.autograd.backward(y, grad)
             if x is not None:
                 grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
-                pending.append((comm.isend(grad_x, parallel.prev_stage_rank, parallel.pp_bwd_group), grad_x))
+                pending.add(comm.isend(grad_x, parallel.prev_stage_rank, parallel.pp_bwd_group), grad_x,
+                            parallel.pp_bwd_group)
         if timeline is not None:
             timeline.append(TimedAction(action, start, time.perf_counter()))
-        _release_completed(pending)
-    _wait_all(pending, parallel)
+        pending.release_completed()
+    pending.wait_all()
     return [losses[i] for i in sorted(losses)]
 
 
@@ -165,7 +166,7 @@ def forward_only(parallel: ParallelState, chunks: list[nn.Module], microbatches:
         raise ValueError(f"forward_only: got {len(chunks)} model chunks, expected virtual_stages={v}")
     last_stage = pp * v - 1
     outputs: dict[int, torch.Tensor] = {}
-    pending: list = []
+    pending = comm.InFlightSends(parallel.timeout)
     for action in forward_schedule(parallel.pp_rank, pp, v, len(microbatches)):
         stage = action.chunk * pp + parallel.pp_rank
         x = None if stage == 0 else _recv_activation(parallel, requires_grad=False)
@@ -174,17 +175,6 @@ def forward_only(parallel: ParallelState, chunks: list[nn.Module], microbatches:
             outputs[action.microbatch] = y
         else:
             _send_activation(y, parallel, pending)
-        _release_completed(pending)
-    _wait_all(pending, parallel)
+        pending.release_completed()
+    pending.wait_all()
     return [outputs[i] for i in sorted(outputs)]
-
-
-def _release_completed(pending: list) -> None:
-    """Drops the sends that have completed, and with them the last reference to what they sent."""
-    pending[:] = [(work, tensor) for work, tensor in pending if not work.is_completed()]
-
-
-def _wait_all(pending: list, parallel: ParallelState) -> None:
-    for work, _ in pending:
-        work.wait(parallel.timeout)
-    pending.clear()

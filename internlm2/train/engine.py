@@ -43,8 +43,10 @@ from internlm2.parallel.recompute import apply_activation_recompute
 from internlm2.parallel.tensor_parallel import local_shard
 from internlm2.train.timers import Timers
 
-# Micro-batch keys the backbone reads besides the token ids (see InternLM2Model.forward).
-BACKBONE_INPUTS = ("cu_seqlens", "max_seqlen", "attention_mask", "position_ids")
+# Micro-batch keys the backbone reads besides the token ids (see InternLM2Model.forward). Positions are
+# not among them: they restart at every packed piece, which the model derives from cu_seqlens (and under
+# context parallelism from the split).
+BACKBONE_INPUTS = ("cu_seqlens", "max_seqlen", "attention_mask")
 
 
 @dataclass(frozen=True)
