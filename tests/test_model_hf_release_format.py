@@ -64,7 +64,9 @@ TEXTS = ["def f(x):\n    return x  +  1\n", " a leading space, 12345 digits", "æ
 def test_released_configs_read_as_the_1_8b_preset(released):
     config, fmt = config_from_hf(released)
     assert fmt == "internlm2"
-    assert config == preset_config("internlm2-1_8b", kernels=config.kernels)
+    # the reward model's scored token travels with its config
+    assert config == preset_config("internlm2-1_8b", kernels=config.kernels,
+                                   reward_token_id=released.get("reward_token_id"))
 
 
 def test_export_config_json_has_the_released_keys_and_values(tmp_path):

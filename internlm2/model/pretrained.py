@@ -2,6 +2,10 @@
 `load_into` (weights into modules that exist already, e.g. a trainer's pipeline chunks), `save_pretrained`,
 `write_pretrained` and directory-to-directory `convert_checkpoint`.
 
+A checkpoint's head follows its config.json (`architectures`): a causal LM (`InternLM2ForCausalLM`) or
+InternLM2's reward-model layout (`InternLM2ForScore`, HF `InternLM2ForRewardModel`: the backbone plus
+`v_head.weight`). `MODEL_CLASSES` is the one table from head kind to model class.
+
 Every tensor of a checkpoint is checked against the model the config describes: missing and unexpected
 tensors are listed, a wrong shape names the tensor with the expected and found shapes. Loading streams
 one tensor at a time and each rank reads only its tensor-parallel chunk of it (safetensors slices), so
@@ -25,24 +29,29 @@ from internlm2.model.checkpoint_files import (
     parse_size,
     write_safetensors_shards,
 )
+from internlm2.constants import DTYPES, dtype_name
 from internlm2.model.config import ModelConfig
-from internlm2.model.hf_config import FORMATS, config_to_hf, read_hf_config
+from internlm2.model.hf_config import FORMATS, config_to_hf, read_hf_config, read_head_kind
 from internlm2.model.hf_layout import IGNORED_SOURCE_TENSOR, from_ours, source_names, to_ours
-from internlm2.model.model import InternLM2ForCausalLM
+from internlm2.model.model import InternLM2ForCausalLM, InternLM2ForScore
 from internlm2.parallel import ParallelState
 from internlm2.parallel.tensor_parallel import gather_tensor
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_CLASSES = {"causal_lm": InternLM2ForCausalLM, "score": InternLM2ForScore}
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def model_kind(model: nn.Module) -> str:
+    """The head kind of a model (or pipeline chunk) instance."""
+    for kind, cls in MODEL_CLASSES.items():
+        if isinstance(model, cls):
+            return kind
+    raise TypeError(f"no HF head kind for model class {type(model).__name__}")
 
 
-def full_parameter_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+def full_parameter_shapes(config: ModelConfig, kind: str = "causal_lm") -> dict[str, torch.Size]:
     """Name -> shape of every tensor of the whole (single-process) model, computed on the meta device."""
-    model = InternLM2ForCausalLM(config.replace(kernels="reference"), device="meta")
+    model = MODEL_CLASSES[kind](config.replace(kernels="reference"), device="meta")
     return {name: p.shape for name, p in model.named_parameters()}
 
 
@@ -76,10 +85,11 @@ def _read_tensor(reader: CheckpointReader, config: ModelConfig, fmt: str, name: 
     return to_ours(name, chunks, fmt, config)
 
 
-def read_tensors(reader: CheckpointReader, config: ModelConfig, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
+def read_tensors(reader: CheckpointReader, config: ModelConfig, fmt: str,
+                 kind: str = "causal_lm") -> Iterator[tuple[str, torch.Tensor]]:
     """Our full tensors (InternLM2 names and layout) from checkpoint `reader` in format `fmt`, one at a time,
     after checking the whole checkpoint for missing and unexpected tensors."""
-    expected = full_parameter_shapes(config)
+    expected = full_parameter_shapes(config, kind)
     _check_tensor_names(reader, fmt, expected)
     for name, shape in expected.items():
         yield name, _read_tensor(reader, config, fmt, name, shape)
@@ -92,12 +102,15 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
 
 @torch.no_grad()
 def load_into(modules: Iterable[nn.Module], directory: str | Path, parallel: ParallelState | None = None, *,
-              config: ModelConfig | None = None) -> ModelConfig:
+              config: ModelConfig | None = None, fresh: Iterable[str] = ()) -> ModelConfig:
     """Copies the weights of the HF checkpoint `directory` (InternLM2 or Llama layout) into the parameters
     of `modules`: a model, or the pipeline chunks this rank holds (parameter names are global, so a chunk
     takes its own layers). Each tensor is read in turn, only this rank's tensor-parallel chunk of it, and
     cast to its parameter's dtype and device. `config`, the modules' model config: when given, a checkpoint
-    of another shape is refused naming the fields that differ, before anything is read.
+    of another shape is refused naming the fields that differ, before anything is read. `fresh`: names of
+    parameters the checkpoint may lack, which then keep their values (a new head on a pretrained
+    backbone, e.g. a reward model's `v_head.weight` on an SFT model); the checkpoint's own head is then
+    not read.
 
     Returns the checkpoint's config (from its config.json)."""
     directory = Path(directory)
@@ -109,10 +122,13 @@ def load_into(modules: Iterable[nn.Module], directory: str | Path, parallel: Par
         if differ:
             raise CheckpointError(f"{directory / 'config.json'} describes another model shape: {', '.join(differ)}")
     reader = CheckpointReader(directory)
-    expected = full_parameter_shapes(source)
+    expected = full_parameter_shapes(source, read_head_kind(directory))
     _check_tensor_names(reader, fmt, expected)
+    fresh = set(fresh)
     for module in modules:
         for name, param in module.named_parameters():
+            if name in fresh and name not in expected:
+                continue
             dim = getattr(param, "tensor_parallel_dim", None)
             full = list(param.shape)
             if dim is not None:
@@ -137,22 +153,23 @@ def _materialize(model: torch.nn.Module, device) -> None:
 
 
 def load_pretrained(directory: str | Path, *, parallel: ParallelState | None = None, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu", kernels: str = "fused", **model_kwargs) -> InternLM2ForCausalLM:
-    """An `InternLM2ForCausalLM` (or a pipeline stage of one: `layer_ids`, `with_embedding`, `with_head`)
-    with the weights of the HF InternLM2 or Llama checkpoint in `directory`.
+                    device: torch.device | str = "cpu", kernels: str = "fused", **model_kwargs) -> nn.Module:
+    """The model of the HF checkpoint in `directory` (InternLM2 or Llama layout): an `InternLM2ForCausalLM`,
+    or an `InternLM2ForScore` for a reward model (or a pipeline stage of either: `layer_ids`,
+    `with_embedding`, `with_head`).
 
     dtype: the parameters' dtype (default: the checkpoint's `torch_dtype`, else float32)."""
     directory = Path(directory)
     config, _, stored_dtype = read_hf_config(directory, kernels=kernels)
-    dtype = dtype or _DTYPES.get(stored_dtype, torch.float32)
-    model = InternLM2ForCausalLM(config, parallel, dtype=dtype, device="meta", **model_kwargs)
+    dtype = dtype or DTYPES.get(stored_dtype, torch.float32)
+    model = MODEL_CLASSES[read_head_kind(directory)](config, parallel, dtype=dtype, device="meta", **model_kwargs)
     _materialize(model, device)
     load_into([model], directory, model.parallel)
     model.source_directory = directory
     return model
 
 
-def full_tensors(model: InternLM2ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's parameters as full tensors, one at a time (tensor-parallel shards gathered: every TP
     rank must iterate together)."""
     if model.layer_ids != list(range(model.config.num_layers)) or not (model.with_embedding and model.with_head):
@@ -162,7 +179,7 @@ def full_tensors(model: InternLM2ForCausalLM) -> Iterator[tuple[str, torch.Tenso
         yield name, param.detach() if dim is None else gather_tensor(param, model.parallel, dim)
 
 
-def save_pretrained(model: InternLM2ForCausalLM, directory: str | Path, *, fmt: str = "internlm2",
+def save_pretrained(model: nn.Module, directory: str | Path, *, fmt: str = "internlm2",
                     dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                     tokenizer_directory: str | Path | None = None, tokenizer_files: Mapping[str, bytes] | None = None,
                     overwrite: bool = False) -> Path | None:
@@ -175,12 +192,13 @@ def save_pretrained(model: InternLM2ForCausalLM, directory: str | Path, *, fmt: 
             pass
         return None
     source = tokenizer_directory or getattr(model, "source_directory", None)
-    return write_pretrained(directory, model.config, tensors, fmt=fmt, dtype=dtype, max_shard_size=max_shard_size,
-                            source_directory=source, tokenizer_files=tokenizer_files, overwrite=overwrite)
+    return write_pretrained(directory, model.config, tensors, fmt=fmt, kind=model_kind(model), dtype=dtype,
+                            max_shard_size=max_shard_size, source_directory=source, tokenizer_files=tokenizer_files,
+                            overwrite=overwrite)
 
 
 def write_pretrained(directory: str | Path, config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], *,
-                     fmt: str = "internlm2", dtype: torch.dtype | None = None,
+                     fmt: str = "internlm2", kind: str = "causal_lm", dtype: torch.dtype | None = None,
                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, source_directory: str | Path | None = None,
                      tokenizer_files: Mapping[str, bytes] | None = None, overwrite: bool = False) -> Path:
     """Writes an HF checkpoint directory in format `fmt` from our full tensors (name, tensor), which are
@@ -199,10 +217,10 @@ def write_pretrained(directory: str | Path, config: ModelConfig, tensors: Iterab
             stored.append(tensor.dtype)
             yield from from_ours(name, tensor, fmt, config)
 
-    hf_config = config_to_hf(config, fmt, torch_dtype="float32")  # validates the format before any write
+    hf_config = config_to_hf(config, fmt, torch_dtype="float32", kind=kind)  # validates before any write
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_safetensors_shards(tmp, converted(), max_bytes)
-        hf_config["torch_dtype"] = _dtype_name(stored[0]) if stored else "float32"
+        hf_config["torch_dtype"] = dtype_name(stored[0]) if stored else "float32"
         if source_directory is not None:
             copy_companion_files(Path(source_directory), tmp, with_remote_code=fmt == "internlm2")
         for name, contents in (tokenizer_files or {}).items():
@@ -218,7 +236,9 @@ def convert_checkpoint(source: str | Path, target: str | Path, fmt: str, *, dtyp
     streaming one tensor at a time (no model is built); companion files come along (see `write_pretrained`)."""
     source = Path(source)
     config, source_fmt, _ = read_hf_config(source)
+    kind = read_head_kind(source)
     reader = CheckpointReader(source)
-    return write_pretrained(target, config, read_tensors(reader, config, source_fmt), fmt=fmt, dtype=dtype,
+    return write_pretrained(target, config, read_tensors(reader, config, source_fmt, kind), fmt=fmt, kind=kind,
+                            dtype=dtype,
                             max_shard_size=max_shard_size, source_directory=source, tokenizer_files=tokenizer_files,
                             overwrite=overwrite)

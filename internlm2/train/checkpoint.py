@@ -42,23 +42,14 @@ from torch.distributed.tensor import DTensor, Shard
 
 from internlm2.config import save_yaml
 from internlm2.errors import CheckpointError
-from internlm2.model import InternLM2ForCausalLM, InternLM2ForScore, ModelConfig
+from internlm2.model import ModelConfig
+from internlm2.model.pretrained import model_kind
 from internlm2.parallel import ParallelState
 from internlm2.train.engine import Engine
 
 FORMAT_VERSION = 2
 STATE_FILE, MANIFEST = "state.json", "manifest.json"
 _OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq")
-MODEL_CLASSES = {"causal_lm": InternLM2ForCausalLM, "score": InternLM2ForScore}
-
-
-def model_kind(engine: Engine) -> str:
-    for kind, cls in MODEL_CLASSES.items():
-        if isinstance(engine.chunks[0], cls):
-            return kind
-    raise TypeError(f"no checkpoint kind for model class {type(engine.chunks[0]).__name__}")
-
-
 def _global(tensor: torch.Tensor, param: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
     """`tensor` (this rank's piece of `param`'s kind) as the global tensor DCP should see."""
     dim = getattr(param, "tensor_parallel_dim", None)
@@ -101,7 +92,7 @@ def save(directory: Path, units: dict[str, Engine], loop_state: dict, run_config
             "format": FORMAT_VERSION,
             "world_size": parallel.world_size,
             "loop": loop_state,
-            "units": {name: {"kind": model_kind(e), "model_config": e.model_config.to_dict(),
+            "units": {name: {"kind": model_kind(e.chunks[0]), "model_config": e.model_config.to_dict(),
                              "optimizer_step": e.optimizer.step_count if e.optimizer is not None else None}
                       for name, e in units.items()},
         }

@@ -4,7 +4,8 @@ The checkpoint stores every parameter under its global name and shape (checkpoin
 read each full tensor from it in turn (a tensor's DCP pieces from all ranks are stitched by DCP), without a
 process group and without holding the whole model in memory at once. The checkpoint is verified first: an
 export never writes a model from a checkpoint whose files do not match their manifest. The HF config is
-the one the unit was training with when saved (its vocabulary, its stage's RoPE base).
+the one the unit was training with when saved (its vocabulary, its stage's RoPE base), and the layout
+its head's (a causal LM, or InternLM2's reward-model layout for a scalar head).
 """
 
 from __future__ import annotations
@@ -29,18 +30,16 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, unit: str = "model", f
     the HF tokenizer files of `tokenizer_directory` (a directory holding tokenizer.model, or the file)."""
     checkpoint = Path(checkpoint)
     kind, config = ckpt.unit_config(checkpoint, unit)
-    if kind != "causal_lm":
-        raise CheckpointError(f"{checkpoint}: unit {unit!r} is a {kind} model; HF export writes causal LMs")
     problem = ckpt.verify(checkpoint, ParallelState.single())
     if problem is not None:
         raise CheckpointError(f"not exporting {checkpoint}: {problem}")
 
     def tensors():
-        for name, shape in full_parameter_shapes(config).items():
+        for name, shape in full_parameter_shapes(config, kind).items():
             yield name, ckpt.read_unit_tensor(checkpoint, unit, name, shape)
 
     tokenizer_files = hf_tokenizer_files(Tokenizer.load(tokenizer_directory)) if tokenizer_directory else None
-    return write_pretrained(out, config, tensors(), fmt=fmt, dtype=dtype, source_directory=tokenizer_directory,
+    return write_pretrained(out, config, tensors(), fmt=fmt, kind=kind, dtype=dtype, source_directory=tokenizer_directory,
                             tokenizer_files=tokenizer_files, overwrite=overwrite)
 
 
