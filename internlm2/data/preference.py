@@ -45,14 +45,15 @@ class _JsonlRecords(Dataset):
             raise DataError(f"{path}: no such file")
         self.path = str(path)
         self.skips = Skips(on_error == "fail")
-        self._offsets = []
+        self._offsets, self._where = [], []
         for where, record in read_records(Span(InputFile.of(path), 0, path.stat().st_size), self.skips):
             try:
-                self.parse(record, str(where))
+                self.parse(record, where)  # a Location: printed (its line counted) only in an error
             except (ChatFormatError, DataError) as e:
                 self.skips.record("bad_record", str(where), str(e).removeprefix(f"{where}: "))
                 continue
             self._offsets.append(where.offset)
+            self._where.append(where)  # a Location: its line is counted only if printed
         if not self._offsets:
             raise DataError(f"{path}: no usable records\n{self.skips.summary()}")
 
@@ -62,11 +63,14 @@ class _JsonlRecords(Dataset):
     def __len__(self) -> int:
         return len(self._offsets)
 
+    def where(self, i: int) -> str:
+        """The file and line of good record `i`, for messages."""
+        return str(self._where[i])
+
     def record(self, i: int):
         with open(self.path, "rb") as f:
             f.seek(self._offsets[i])
-            where = f"{self.path} record {i}"
-            return self.parse(json.loads(f.readline()), where)
+            return self.parse(json.loads(f.readline()), self._where[i])
 
 
 class PreferenceDataset(_JsonlRecords):

@@ -97,6 +97,11 @@ class Tokenizer:
                 found[token] = i
         return found
 
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a piece of the model by its name (e.g. a reserved `[UNUSED_TOKEN_130]`), else None."""
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
+
     def special_id(self, token: str) -> int:
         """The id of a chat token; a clear error for models without it (e.g. a plain LLaMA model)."""
         try:

@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from internlm2.data import (MixtureDataset, PackedDataset, PreparedDataset, ResumableSampler, Tokenizer,
                             collate_packed, stdlib_files, train_tokenizer)
 from internlm2.data.builtin_corpus import stdlib_root
+from internlm2.data.packing import pad_pieces
+from internlm2.parallel import ParallelState
 from internlm2.data.prepare import PrepareOptions, prepare
 from internlm2.train.config import BuiltinData, DataConfig, DataSource, StageConfig
 
@@ -102,6 +104,18 @@ def eval_batches(dataset: Dataset, micro_batch_size: int, rows: int, dp_rank: in
     starts = list(range(0, rows, micro_batch_size))[dp_rank::dp_size]
     return [collate_packed([dataset[i] for i in range(start, min(start + micro_batch_size, rows))])
             for start in starts]
+
+
+def pad_for_layout(batch: dict, parallel: ParallelState, pad_id: int, fills: dict | None = None) -> dict:
+    """A packed micro-batch padded as the layout needs: under context parallelism every piece to a
+    multiple of 2*cp tokens (the zigzag split), and under sequence parallelism the total to a multiple
+    of the TP shards (of each CP rank's share). Padding is never attended to by real tokens and has no
+    target (see `pad_pieces`); a batch that already fits is returned as it is."""
+    multiple = 2 * parallel.cp_size if parallel.cp_size > 1 else 1
+    total = multiple * (parallel.tp_size if parallel.sequence_parallel else 1)
+    if total == 1:
+        return batch
+    return pad_pieces(batch, multiple, total, pad_id, fills)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -24,14 +24,14 @@ import torch
 from internlm2.config import save_yaml
 from internlm2.constants import DTYPES, IGNORE_INDEX
 from internlm2.data import Tokenizer
-from internlm2.data.packing import pad_pieces
 from internlm2.errors import CheckpointError, UserError
 from internlm2.model import InternLM2ForCausalLM, load_into
 from internlm2.model.heads import BackboneOutput
 from internlm2.train import checkpoint as ckpt
 from internlm2.train.checkpoint_dir import CheckpointDirectory, check_writable
 from internlm2.train.config import StageConfig, TrainConfig
-from internlm2.train.data_setup import eval_batches, micro_batches, resolve_data, stage_dataset, to_device
+from internlm2.train.data_setup import (eval_batches, micro_batches, pad_for_layout, resolve_data, stage_dataset,
+                                        to_device)
 from internlm2.train.engine import Engine, StepOutcome, checkpoint_bytes
 from internlm2.train.flops import DecoderShape, document_lengths, training_flops
 from internlm2.train.metrics import MFUError, Peak, device_peak, peak_memory_bytes, reset_peak_memory, throughput
@@ -167,14 +167,8 @@ class Trainer:
                 self.save_checkpoint()
 
     def _prepare(self, batch: dict) -> dict:
-        """A collated micro-batch on the device; under context parallelism every packed piece is padded so
-        it splits into 2*cp equal chunks (and each rank's share into TP shards under sequence parallel)."""
-        p = self.parallel
-        if p.cp_size > 1:
-            multiple = 2 * p.cp_size
-            batch = pad_pieces(batch, multiple, multiple * (p.tp_size if p.sequence_parallel else 1),
-                               self.tokenizer.pad_id)
-        return to_device(batch, self.device)
+        """A collated micro-batch on the device, padded as the layout needs (`pad_for_layout`)."""
+        return to_device(pad_for_layout(batch, self.parallel, self.tokenizer.pad_id), self.device)
 
     def _schedule(self, stage: StageConfig) -> Callable[[int], float]:
         """This stage's learning rate by its own step: its own schedule, or its span of the run-wide one."""
