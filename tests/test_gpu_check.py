@@ -76,7 +76,8 @@ def test_dry_run_records_each_step_and_reruns_only_the_failing_file(tmp_path):
         "import os\n\ndef test_ok():\n    pass\n\n"
         "def test_needs_blocking():\n    assert os.environ.get('CUDA_LAUNCH_BLOCKING') == '1', 'first pass'\n")
     env = dict(os.environ, OUT=str(out), GPU_CHECK_WORK=str(work), GPU_CHECK_WHEELS=str(wheels),
-               GPU_CHECK_RESULTS=str(results), GPU_CHECK_SKIP="build e2e benchmarks", GPU_CHECK_DEADLINE_S="300",
+               GPU_CHECK_CUTLASS_DIR=str(tmp_path / "cutlass"), GPU_CHECK_RESULTS=str(results),
+               GPU_CHECK_SKIP="build e2e benchmarks", GPU_CHECK_DEADLINE_S="300",
                GPU_CHECK_TESTS=f"{tests / 'test_passes.py'} {tests / 'test_fails_unless_blocking.py'}")
     run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--cpu"], env=env, capture_output=True,
                          text=True, timeout=240)
@@ -84,6 +85,8 @@ def test_dry_run_records_each_step_and_reruns_only_the_failing_file(tmp_path):
     steps = {s["step"]: s for s in report.read_steps(out)}
     statuses = {name: s["status"] for name, s in steps.items()}
     assert statuses["cutlass"] == "ok" and statuses["machine"] == "ok"
+    assert (tmp_path / "cutlass" / "nvidia_cutlass-4.2.0.0-py3-none-any" / "cutlass_library" / "source" / "include" /
+            "cute" / "tensor.hpp").read_text() == "// stand-in\n"
     assert statuses["build"] == statuses["e2e"] == statuses["benchmarks"] == "skipped"
     assert statuses[f"tests {tests / 'test_passes.py'}"] == "ok"
     assert statuses[f"tests {tests / 'test_fails_unless_blocking.py'}"] == "failed"

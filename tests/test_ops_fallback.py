@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+import internlm2
 from internlm2 import ops
 from internlm2.ops import _fallback
 from internlm2.ops.flash_attention import cuda_kernel_gap
@@ -60,3 +61,14 @@ def test_cpu_kernels_take_every_dtype_and_head_dim():
         out = ops.flash_attention(q, k, v)
     torch.testing.assert_close(out, ops.flash_attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
     assert ops.fallbacks_taken() == []
+
+
+def test_the_fallback_checks_arguments_with_the_ops_own_one_line_messages():
+    """What the CUDA fallback runs before the reference: the op's C++ contract, raising as the op does."""
+    q, k, v = (torch.randn(6, h, 8) for h in (4, 2, 2))
+    internlm2._C.check_flash_attention_forward(q, k, v, torch.tensor([0, 2, 6], dtype=torch.int32), 4, 0.125)
+    with pytest.raises(RuntimeError) as err:
+        internlm2._C.check_flash_attention_forward(q, k, v, None, 6, 0.0)
+    assert str(err.value) == "flash_attention: softmax_scale must be finite and > 0, got 0"  # no C++ backtrace
+    with pytest.raises(RuntimeError, match="^flash_attention: cu_seqlens must be Int, got Long$"):
+        internlm2._C.check_flash_attention_forward(q, k, v, torch.tensor([0, 6]), 6, 0.125)
