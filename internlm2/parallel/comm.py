@@ -8,6 +8,8 @@ active `CommCounter`s, which is how the communication-volume benchmark counts by
 from __future__ import annotations
 
 import datetime
+import queue
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -129,3 +131,63 @@ def recv(tensor: torch.Tensor, src: int, group, timeout: datetime.timedelta) -> 
     """Blocking receive from global rank `src` into `tensor`; raises after `timeout`."""
     dist.irecv(tensor, src=src, group=group).wait(timeout)
     return tensor
+
+
+class InFlightSends:
+    """Asynchronous sends and the tensors they read, each tensor released as soon as its send completes.
+
+    NCCL reports completion (`Work.is_completed`, a CUDA event query): `release_completed()` drops the
+    finished ones. Gloo's send work only learns it completed inside `wait()`, and a timed-out wait closes
+    the connection, so it cannot be polled: one waiter thread per group waits each send in the order they
+    were posted (sends on one channel complete in that order) and then drops the tensor. `wait_all()`
+    waits for everything; a failed send raises there, or at the next `release_completed()`."""
+
+    def __init__(self, timeout: datetime.timedelta):
+        self.timeout = timeout
+        self._polled: list = []  # (work, tensor) whose backend reports completion
+        self._waiters: dict = {}  # group -> (queue of (work, tensor), thread)
+        self._error: BaseException | None = None
+
+    def add(self, work, tensor: torch.Tensor, group) -> None:
+        if dist.get_backend(group) != "gloo":
+            self._polled.append((work, tensor))
+            return
+        if group not in self._waiters:
+            q: queue.Queue = queue.Queue()
+            thread = threading.Thread(target=self._wait_in_order, args=(q,), daemon=True)
+            thread.start()
+            self._waiters[group] = (q, thread)
+        self._waiters[group][0].put((work, tensor))
+
+    def _wait_in_order(self, q: queue.Queue) -> None:
+        while True:
+            item = q.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    item[0].wait(self.timeout)
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                self._error = err
+            finally:
+                item = None  # the tensor's last reference goes with the completed send
+                q.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def release_completed(self) -> None:
+        self._polled = [(work, tensor) for work, tensor in self._polled if not work.is_completed()]
+        self._raise()
+
+    def wait_all(self) -> None:
+        for work, _ in self._polled:
+            work.wait(self.timeout)
+        self._polled.clear()
+        for q, thread in self._waiters.values():
+            q.put(None)
+            thread.join()
+        self._waiters.clear()
+        self._raise()
