@@ -21,7 +21,7 @@
 # Knobs: GPU_CHECK_DEADLINE_S, GPU_CHECK_TEST_TIMEOUT_S (90 s per test), GPU_CHECK_TESTS (test files or node
 # ids, space-separated), GPU_CHECK_SKIP (steps to leave out: build tests memcheck e2e benchmarks),
 # GPU_CHECK_WORK (scratch: /tmp/gpu_check), GPU_CHECK_WHEELS (wheels), GPU_CHECK_CUTLASS_DIR (build/cutlass),
-# GPU_CHECK_RESULTS (benchmarks/results), MAX_JOBS (all cores), INTERNLM2_CUDA_ARCHS (90a: H100/H200).
+# GPU_CHECK_RESULTS (benchmarks/results; none for --cpu), MAX_JOBS (all cores), INTERNLM2_CUDA_ARCHS (90a: H100/H200).
 # Exit status: 0 when every step was ok or skipped, 1 when one failed or ran out of time, 2 when the check
 # could not start.
 set -uo pipefail
@@ -35,7 +35,8 @@ DEADLINE=${GPU_CHECK_DEADLINE_S:-420}
 PER_TEST=${GPU_CHECK_TEST_TIMEOUT_S:-90}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check}
 WHEELS=${GPU_CHECK_WHEELS:-wheels}
-RESULTS=${GPU_CHECK_RESULTS:-benchmarks/results}
+# The results file goes here; a dry run writes none unless asked (its summary is in $OUT).
+RESULTS=${GPU_CHECK_RESULTS:-$([ "$MODE" = gpu ] && echo benchmarks/results)}
 OUT=${OUT:-$ROOT/benchmarks/results/gpu_check-logs}
 # Phases end by these many seconds from the start (tests may take what the build left them); the last
 # RESERVE seconds pack and write what comes back.
@@ -86,7 +87,7 @@ finish() {
     "after $(elapsed)s in all: $files files in \$OUT (the device tool returns at most 8): $(cd "$OUT" && ls | tr '\n' ' ')"
   # The results file, once the machine is known (not for a run that stopped before it).
   "$PY" scripts/gpu_check_report.py render --out "$OUT" --work "$WORK" \
-    ${tag:+--copy-to "$RESULTS/$(date +%F)-$tag.md"} > /dev/null
+    ${tag:+${RESULTS:+--copy-to "$RESULTS/$(date +%F)-$tag.md"}} > /dev/null
   echo
   echo "================ gpu_check ($MODE) finished in $(elapsed)s of ${DEADLINE}s ================"
   sed -n '/^## Steps/,/^## Tests/p' "$OUT/summary.md" | sed '$d'
