@@ -8,6 +8,7 @@ Knobs (environment variables):
   CUTLASS_PATH              a CUTLASS checkout/install whose include/ holds cutlass/ and cute/
   CUDA_HOME                 the CUDA toolkit (default: /usr/local/cuda, then the nvcc on PATH)
   INTERNLM2_BUILD_TYPE      CMake build type, default Release
+  INTERNLM2_WERROR=0        report warnings in the project's own sources without failing the build
 """
 
 import importlib.util
@@ -24,8 +25,8 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+def _env_flag(name: str, default: bool = False) -> bool:
+    return os.environ.get(name, "1" if default else "0").lower() in ("1", "true", "yes", "on")
 
 
 def _find_cuda_home() -> Path | None:
@@ -98,6 +99,7 @@ class CMakeBuild(build_ext):
             f"-DINTERNLM2_OUTPUT_NAME={ext_path.name}",
             f"-DINTERNLM2_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
             f"-DNVCC_THREADS={os.environ.get('NVCC_THREADS', '1')}",
+            f"-DINTERNLM2_WERROR={'ON' if _env_flag('INTERNLM2_WERROR', default=True) else 'OFF'}",
         ]
         if shutil.which("ninja"):
             args.append("-GNinja")

@@ -8,22 +8,32 @@ is summed per sequence. Shapes follow FlashAttention's benchmark: batch * seqlen
 and a packed batch of unequal sequences. Forward and backward are timed separately (backward: the op's
 backward alone, from saved outputs), medians over CUDA events.
 
+GQA shapes come first and time internlm2's backward under both schedules (INTERNLM2_FLASH_BWD_GQA: the
+whole query group per CTA, "serial", the default; one query head per CTA, "split"), with short sequences
+and few KV heads where the serial schedule launches fewer CTAs than an H100/H200 has SMs: these rows decide
+the default.
+
     python -m benchmarks.bench_flash_attention_cuda [--repeats N] [--quick]
 """
 
 import argparse
 import inspect
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.harness import Report, median_time
+from benchmarks.harness import Report, median_time, write_partial_results_on_sigterm
 
 TOTAL_TOKENS = 16384
 HIDDEN = 2048
 SEQLENS = [1024, 2048, 4096, 8192, 16384]
 VARLEN_LENGTHS = [3000, 517, 4096, 1200, 2500, 33, 1800, 3236]  # sums to 16384
+# (batch, seqlen, query heads, KV heads) at d=128: InternLM2-7B's 32/8 (1.8B: 16/8, 20B: 48/8) at a few
+# token counts; serial backward CTAs = KV heads * batch * seqlen / 128 (64 for the first, 1024 for the last).
+GQA_SHAPES = [(1, 1024, 32, 8), (1, 4096, 32, 8), (1, 4096, 16, 8), (4, 4096, 32, 8), (2, 8192, 48, 8)]
+GQA_SCHEDULES = ("serial", "split")
 
 
 def attention_flops(lengths, heads, head_dim, causal):
@@ -39,8 +49,11 @@ def packed_inputs(lengths, heads_q, heads_kv, head_dim):
     return q, k, v, cu
 
 
-def internlm2_steps(q, k, v, cu, max_len, causal):
-    """(forward, backward) closures over internlm2's ops; backward from saved outputs, as autograd runs it."""
+def internlm2_steps(q, k, v, cu, max_len, causal, schedule="serial"):
+    """(forward, backward) closures over internlm2's ops; backward from saved outputs, as autograd runs it,
+    under the GQA `schedule` (the CUDA backward reads INTERNLM2_FLASH_BWD_GQA on each call: the closures are
+    timed right after this returns)."""
+    os.environ["INTERNLM2_FLASH_BWD_GQA"] = schedule
     scale = q.shape[-1] ** -0.5
     fwd = torch.ops.internlm2.flash_attention_forward
     bwd = torch.ops.internlm2.flash_attention_backward
@@ -101,22 +114,32 @@ def run(repeats: int, quick: bool) -> Report:
         "batch x seqlen", "d", "heads q/kv", "mask", "impl", "fwd ms", "fwd TFLOP/s", "bwd ms", "bwd TFLOP/s",
         "fwd+bwd time / internlm2"])
     report.notes.append("bf16; FlashAttention's FLOP formula (4*b*s^2*h*d, /2 causal; bwd 2.5x); varlen sums per sequence")
+    report.notes.append("internlm2 = serial GQA backward (the default); internlm2 split = one query head per CTA")
+    for batch, seqlen, heads_q, heads_kv in GQA_SHAPES[:2] if quick else GQA_SHAPES:
+        measure_dense(report, batch, seqlen, heads_q, heads_kv, 128, True, repeats)
+    measure_varlen(report, VARLEN_LENGTHS, 32, 8, 128, True, repeats)
     for head_dim in (64, 128):
         heads = HIDDEN // head_dim
         for causal in (True, False):
             for seqlen in [2048, 8192] if quick else SEQLENS:
                 measure_dense(report, TOTAL_TOKENS // seqlen, seqlen, heads, heads, head_dim, causal, repeats)
-    # InternLM2-7B attention (GQA 32/8, d=128) and a packed batch of unequal sequences.
-    for causal in (True, False):
-        measure_dense(report, 4, 4096, 32, 8, 128, causal, repeats)
-        measure_varlen(report, VARLEN_LENGTHS, 32, 8, 128, causal, repeats)
+    # InternLM2-7B attention without the causal mask (the causal rows came first).
+    measure_dense(report, 4, 4096, 32, 8, 128, False, repeats)
+    measure_varlen(report, VARLEN_LENGTHS, 32, 8, 128, False, repeats)
     return report
+
+
+def internlm2_impls(q, k, v, cu, max_len, causal):
+    """internlm2 under each GQA backward schedule (one row when there is no group to split)."""
+    schedules = GQA_SCHEDULES if q.shape[1] > k.shape[1] else GQA_SCHEDULES[:1]
+    return {("internlm2" if s == "serial" else f"internlm2 {s}"): lambda s=s: internlm2_steps(q, k, v, cu, max_len, causal, s)
+            for s in schedules}
 
 
 def measure_dense(report, batch, seqlen, heads_q, heads_kv, head_dim, causal, repeats):
     lengths = [seqlen] * batch
     q, k, v, cu = packed_inputs(lengths, heads_q, heads_kv, head_dim)
-    impls = {"internlm2": lambda: internlm2_steps(q, k, v, cu, seqlen, causal)}
+    impls = internlm2_impls(q, k, v, cu, seqlen, causal)
     for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
         impls[name] = lambda backend=backend: autograd_steps(sdpa(backend, batch, seqlen, causal), q, k, v)
     time_all(report, f"{batch} x {seqlen}", lengths, heads_q, heads_kv, head_dim, causal, impls, repeats)
@@ -125,7 +148,7 @@ def measure_dense(report, batch, seqlen, heads_q, heads_kv, head_dim, causal, re
 def measure_varlen(report, lengths, heads_q, heads_kv, head_dim, causal, repeats):
     q, k, v, cu = packed_inputs(lengths, heads_q, heads_kv, head_dim)
     max_len = max(lengths)
-    impls = {"internlm2": lambda: internlm2_steps(q, k, v, cu, max_len, causal)}
+    impls = internlm2_impls(q, k, v, cu, max_len, causal)
     varlen = torch_varlen(cu, max_len, causal)
     if varlen is None:
         report.notes.append("torch.nn.attention.varlen is not in this torch: no varlen baseline")
@@ -158,6 +181,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="seqlens 2k and 8k only")
     args = ap.parse_args()
+    write_partial_results_on_sigterm("flash_attention_cuda")
     run(args.repeats, args.quick).write("flash_attention_cuda")
 
 

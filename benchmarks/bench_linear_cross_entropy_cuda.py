@@ -15,7 +15,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, cuda_peak_memory, measured_copy_bandwidth, median_time
+from benchmarks.harness import (
+    Report,
+    cuda_peak_memory,
+    measured_copy_bandwidth,
+    median_time,
+    write_partial_results_on_sigterm,
+)
 from internlm2 import ops
 from internlm2.ops.linear_cross_entropy import DEFAULT_CHUNK_BYTES
 
@@ -68,7 +74,9 @@ def run(repeats: int) -> Report:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
-    run(ap.parse_args().repeats).write("linear_cross_entropy_cuda")
+    args = ap.parse_args()
+    write_partial_results_on_sigterm("linear_cross_entropy_cuda")
+    run(args.repeats).write("linear_cross_entropy_cuda")
 
 
 if __name__ == "__main__":

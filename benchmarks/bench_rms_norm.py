@@ -12,7 +12,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, measured_copy_bandwidth, median_time
+from benchmarks.harness import Report, measured_copy_bandwidth, median_time, write_partial_results_on_sigterm
 from internlm2 import ops
 
 SHAPES = [(4096, 4096), (16384, 2048)]
@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
+    write_partial_results_on_sigterm("rms_norm")
     run(args.device, args.repeats).write("rms_norm")
 
 

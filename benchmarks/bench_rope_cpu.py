@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from benchmarks.harness import Report, load_note, median_time
+from benchmarks.harness import Report, load_note, median_time, write_partial_results_on_sigterm
 from internlm2 import ops
 from internlm2.ops.rope import rotate_half
 
@@ -68,7 +68,9 @@ def run(repeats: int) -> Report:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=10)
-    run(ap.parse_args().repeats).write("rope_cpu")
+    args = ap.parse_args()
+    write_partial_results_on_sigterm("rope_cpu")
+    run(args.repeats).write("rope_cpu")
 
 
 if __name__ == "__main__":

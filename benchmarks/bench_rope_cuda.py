@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from benchmarks.harness import Report, measured_copy_bandwidth, median_time
+from benchmarks.harness import Report, measured_copy_bandwidth, median_time, write_partial_results_on_sigterm
 from internlm2 import ops
 
 TOKENS, KV_HEADS, GROUP, HEAD_DIM = 16384, 8, 4, 128
@@ -74,7 +74,9 @@ def run(repeats: int) -> Report:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
-    run(ap.parse_args().repeats).write("rope_cuda")
+    args = ap.parse_args()
+    write_partial_results_on_sigterm("rope_cuda")
+    run(args.repeats).write("rope_cuda")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, load_note, median_time
+from benchmarks.harness import Report, load_note, median_time, write_partial_results_on_sigterm
 from internlm2 import ops
 
 SHAPES = [(4096, 8192), (2048, 14336)]
@@ -63,7 +63,10 @@ def run(repeats: int) -> Report:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=10)
-    run(ap.parse_args().repeats).write("swiglu_cpu_thp" if huge_pages() else "swiglu_cpu")
+    args = ap.parse_args()
+    stem = "swiglu_cpu_thp" if huge_pages() else "swiglu_cpu"
+    write_partial_results_on_sigterm(stem)
+    run(args.repeats).write(stem)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, measured_copy_bandwidth, median_time
+from benchmarks.harness import Report, measured_copy_bandwidth, median_time, write_partial_results_on_sigterm
 from internlm2 import ops
 
 SHAPES = [(8192, 8192), (8192, 14336)]
@@ -60,7 +60,9 @@ def run(repeats: int) -> Report:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
-    run(ap.parse_args().repeats).write("swiglu_cuda")
+    args = ap.parse_args()
+    write_partial_results_on_sigterm("swiglu_cuda")
+    run(args.repeats).write("swiglu_cuda")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Rules the helpers enforce: times are medians of several runs after warm-up; comparisons are ratios
 against a baseline measured in the same process; every result file names the machine, the command and
 the date. CUDA timings use events on the current stream; CPU timings use perf_counter.
+
+Results go to benchmarks/results/ (INTERNLM2_BENCH_RESULTS_DIR elsewhere). A benchmark whose main() calls
+`write_partial_results_on_sigterm` leaves the rows measured so far, marked incomplete, when a deadline
+stops it (`timeout` sends SIGTERM): scripts/gpu_check.sh gives each benchmark the time that is left.
 """
 
 import datetime
@@ -12,6 +16,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -22,7 +27,7 @@ from typing import Callable
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("INTERNLM2_BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def _sync(device: str) -> None:
@@ -156,6 +161,10 @@ class Report:
     rows: list[list] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        global _report_in_progress
+        _report_in_progress = self
+
     def add(self, *values) -> None:
         assert len(values) == len(self.columns), (values, self.columns)
         self.rows.append(list(values))
@@ -195,6 +204,23 @@ class Report:
         (RESULTS_DIR / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {md}")
         return md
+
+
+_report_in_progress: Report | None = None  # the last Report made: what a deadline's SIGTERM writes
+
+
+def write_partial_results_on_sigterm(stem: str) -> None:
+    """On SIGTERM, write the rows of the report in progress (as Report.write(stem) would), with a note that
+    the run was stopped, and exit with 124 (timeout's code for a run it stopped)."""
+
+    def stop(signum, frame):
+        report = _report_in_progress
+        if report is not None:
+            report.notes.append(f"incomplete: stopped by a deadline (SIGTERM) after {len(report.rows)} rows")
+            report.write(stem)
+        raise SystemExit(124)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _fmt(v) -> str:

@@ -13,6 +13,9 @@ namespace internlm2 {
 // rms_norm_forward(x [..., H], weight [H], eps) -> (y [..., H] in x.dtype, rstd [rows] float32)
 // y = x * rstd * weight with rstd = 1 / sqrt(mean(x^2) + eps), all math in float32.
 void check_rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps);
+// One rstd per row: the product of x's leading dimensions (also when H == 0, where rstd is NaN: the mean
+// of an empty row is undefined, as in torch.mean).
+int64_t rms_norm_rows(const at::Tensor& x);
 // rms_norm_backward(grad_y, x, weight, rstd) -> (grad_x, grad_weight)
 void check_rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                              const at::Tensor& rstd);

@@ -3,12 +3,16 @@
 // fake (meta) and autograd registrations in internlm2/ops/. The small pybind11 module reports how this
 // binary was built.
 #include <pybind11/pybind11.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor and std::optional arguments for the checks below
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <functional>
+#include <stdexcept>
 #include <vector>
 
 #include "cpu/isa.h"
+#include "ops.h"
 
 TORCH_LIBRARY(internlm2, m) {
   const std::vector<at::Tag> pt2 = {at::Tag::pt2_compliant_tag};
@@ -59,6 +63,20 @@ TORCH_LIBRARY(internlm2, m) {
 
 namespace py = pybind11;
 
+namespace {
+
+// A failed check raises RuntimeError with the one-line message the op itself would raise (c10::Error's
+// what() would append a C++ backtrace).
+void run_check(const std::function<void()>& check) {
+  try {
+    check();
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "internlm2 compiled kernels; the ops themselves are torch.ops.internlm2.*";
   m.attr("torch_version") = TORCH_VERSION;
@@ -79,4 +97,13 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("cpu_isa", [] { return internlm2::cpu::isa_name(internlm2::cpu::best_isa()); },
         "Instruction set the CPU kernels run with on this machine (default, avx2 or avx512)");
+  // The op's argument contract, for Python code that runs the reference where no kernel was built for an
+  // input (internlm2/ops/flash_attention.py), so bad input fails alike on both paths.
+  m.def(
+      "check_flash_attention_forward",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& cu_seqlens,
+         int64_t max_seqlen, double softmax_scale) {
+        run_check([&] { internlm2::check_flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale); });
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens"), py::arg("max_seqlen"), py::arg("softmax_scale"));
 }

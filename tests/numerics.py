@@ -55,9 +55,37 @@ def to_double_leaf(t: torch.Tensor) -> torch.Tensor:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none is visible)")
 
 
-def poison_cuda_allocator(nbytes: int = 256 << 20) -> None:
-    """Fill freed CUDA cache blocks with NaN so an output element a kernel forgets to write shows up."""
-    torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").fill_(float("nan"))
+# PyTorch's caching allocator serves requests up to 1 MiB from a pool of 2 MiB segments (the small pool)
+# and larger ones from the large pool; a freed block goes back to its pool and is handed out again as is.
+SMALL_POOL_MAX_BYTES = 1 << 20
+
+
+def free_block_sizes(snapshot: list[dict], stream: int) -> list[int]:
+    """Sizes of the free blocks (both pools) that allocations on `stream` would be handed next, from
+    torch.cuda.memory_snapshot(); blocks of CUDA-graph private pools are left out."""
+    return sorted(
+        block["size"]
+        for segment in snapshot
+        if segment["stream"] == stream and tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0)
+        for block in segment["blocks"]
+        if block["state"] == "inactive"
+    )
+
+
+def poison_cuda_allocator(fresh_large_bytes: int = 256 << 20, fresh_small_segments: int = 32) -> None:
+    """Fill with NaN every free block of the CUDA caching allocator on the current stream, and fresh
+    segments of both pools, so an output element a kernel forgets to write reads NaN. Bytes 0xFF are NaN in
+    float32, bfloat16 and float16 alike."""
+    stream = torch.cuda.current_stream().cuda_stream
+    # Requesting each free block's exact size takes that block (best fit, no split); ascending order keeps
+    # a smaller request from splitting a larger block that is still to be filled.
+    held = [torch.empty(n, dtype=torch.uint8, device="cuda")
+            for n in free_block_sizes(torch.cuda.memory_snapshot(), stream)]
+    held += [torch.empty(SMALL_POOL_MAX_BYTES, dtype=torch.uint8, device="cuda")
+             for _ in range(2 * fresh_small_segments)]
+    held.append(torch.empty(fresh_large_bytes, dtype=torch.uint8, device="cuda"))
+    for t in held:
+        t.fill_(0xFF)
 
 
 def run_with_cpu_isa(isa: str, code: str) -> None:

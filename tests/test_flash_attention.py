@@ -211,29 +211,34 @@ def qkv(total=6, heads_q=4, heads_kv=2, head_dim=8, dtype=torch.float32):
         torch.randn(total, heads_kv, head_dim, dtype=dtype) for _ in range(2))
 
 
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda: (*qkv(heads_q=6, heads_kv=4), {}), r"Hq = 6 must be a multiple of the number of KV heads Hkv = 4"),
-        (lambda: (*qkv(), {"cu_seqlens": torch.tensor([0, 6])}), "cu_seqlens must be Int"),
-        (lambda: (*qkv(), {"cu_seqlens": torch.tensor([1, 6], dtype=torch.int32)}), "cu_seqlens must start at 0"),
-        (lambda: (*qkv(), {"cu_seqlens": torch.tensor([0, 4, 2, 6], dtype=torch.int32)}),
-         r"cu_seqlens must be non-decreasing, got cu_seqlens\[2\] = 2 < cu_seqlens\[1\] = 4"),
-        (lambda: (*qkv(), {"cu_seqlens": torch.tensor([0, 5], dtype=torch.int32)}), "cu_seqlens must end at T = 6"),
-        (lambda: (*qkv(), {"cu_seqlens": torch.tensor([0, 2, 6], dtype=torch.int32), "max_seqlen": 3}),
-         "max_seqlen = 3 is smaller than sequence 1 of length 4"),
-        (lambda: (*qkv(), {"max_seqlen": 5}), "max_seqlen = 5 is smaller than the one sequence of T = 6"),
-        (lambda: (*qkv(), {"cu_seqlens": torch.tensor([[0, 6]], dtype=torch.int32)}), "cu_seqlens must have 1 dimensions"),
-        (lambda: (qkv()[0].to(torch.bfloat16), *qkv()[1:], {}), "k has dtype Float but q has dtype BFloat16"),
-        (lambda: (*qkv(dtype=torch.float64), {}), "q must be float32, bfloat16 or float16"),
-        (lambda: (qkv()[0][:, :, :4], *(t[:, :, :4] for t in qkv()[1:]), {}), "q must be contiguous"),
-        (lambda: (qkv()[0].flatten(1), *qkv()[1:], {}), r"q must have 3 dimensions \[T, Hq, D\]"),
-        (lambda: (qkv()[0], qkv(total=5)[1], qkv(total=5)[2], {}), "k must have the tokens and head dim of q"),
-        (lambda: (*qkv()[:2], qkv(heads_kv=1)[2], {}), "k and v must have one shape"),
-        (lambda: (*qkv(), {"softmax_scale": -0.5}), "softmax_scale must be finite and >= 0, got -0.5"),
-        (lambda: (*qkv(), {"softmax_scale": float("inf")}), "softmax_scale must be finite and >= 0"),
-    ],
-)
+# What every backend checks (the CUDA fallback to the reference too: tests/cuda).
+BAD_ARGUMENTS = [
+    (lambda: (*qkv(heads_q=6, heads_kv=4), {}), r"Hq = 6 must be a multiple of the number of KV heads Hkv = 4"),
+    (lambda: (*qkv(), {"cu_seqlens": torch.tensor([0, 6])}), "cu_seqlens must be Int"),
+    (lambda: (*qkv(), {"max_seqlen": 5}), "max_seqlen = 5 is smaller than the one sequence of T = 6"),
+    (lambda: (*qkv(), {"cu_seqlens": torch.tensor([[0, 6]], dtype=torch.int32)}), "cu_seqlens must have 1 dimensions"),
+    (lambda: (qkv()[0].to(torch.bfloat16), *qkv()[1:], {}), "k has dtype Float but q has dtype BFloat16"),
+    (lambda: (*qkv(dtype=torch.float64), {}), "q must be float32, bfloat16 or float16"),
+    (lambda: (qkv()[0][:, :, :4], *(t[:, :, :4] for t in qkv()[1:]), {}), "q must be contiguous"),
+    (lambda: (qkv()[0].flatten(1), *qkv()[1:], {}), r"q must have 3 dimensions \[T, Hq, D\]"),
+    (lambda: (qkv()[0], qkv(total=5)[1], qkv(total=5)[2], {}), "k must have the tokens and head dim of q"),
+    (lambda: (*qkv()[:2], qkv(heads_kv=1)[2], {}), "k and v must have one shape"),
+    (lambda: (*qkv(), {"softmax_scale": -0.5}), "softmax_scale must be finite and > 0, got -0.5"),
+    (lambda: (*qkv(), {"softmax_scale": 0.0}), "softmax_scale must be finite and > 0, got 0"),
+    (lambda: (*qkv(), {"softmax_scale": float("inf")}), "softmax_scale must be finite and > 0"),
+]
+# The values of a host cu_seqlens, which the CPU backend reads (the CUDA kernels never sync to read them).
+BAD_CU_SEQLENS_VALUES = [
+    (lambda: (*qkv(), {"cu_seqlens": torch.tensor([1, 6], dtype=torch.int32)}), "cu_seqlens must start at 0"),
+    (lambda: (*qkv(), {"cu_seqlens": torch.tensor([0, 4, 2, 6], dtype=torch.int32)}),
+     r"cu_seqlens must be non-decreasing, got cu_seqlens\[2\] = 2 < cu_seqlens\[1\] = 4"),
+    (lambda: (*qkv(), {"cu_seqlens": torch.tensor([0, 5], dtype=torch.int32)}), "cu_seqlens must end at T = 6"),
+    (lambda: (*qkv(), {"cu_seqlens": torch.tensor([0, 2, 6], dtype=torch.int32), "max_seqlen": 3}),
+     "max_seqlen = 3 is smaller than sequence 1 of length 4"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_ARGUMENTS + BAD_CU_SEQLENS_VALUES)
 def test_bad_input_names_the_argument(make, message):
     q, k, v, kw = make()
     with pytest.raises(RuntimeError, match=message):

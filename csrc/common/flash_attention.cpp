@@ -55,6 +55,14 @@ void check_lse_like(const at::Tensor& t, const char* name, const at::Tensor& q) 
   check_contiguous(t, name);
 }
 
+// A negative scale turns the softmax upside down (no attention means that), and the CUDA kernels rely on a
+// positive one: they take each row's max over the unscaled scores, and masked scores (-inf) times a zero
+// scale would be NaN. Zero (uniform attention) is not a scale any model uses, so it is refused as well.
+void check_softmax_scale(double softmax_scale, const char* op) {
+  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, op, ": softmax_scale must be finite and > 0, got ",
+              softmax_scale);
+}
+
 void check_like_q(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.sizes() == q.sizes(), name, " must have the shape of q ", shape_str(q), ", got ", shape_str(t));
   check_same_dtype(t, name, q, "q");
@@ -69,10 +77,7 @@ void check_flash_attention_forward(const at::Tensor& q, const at::Tensor& k, con
                                    double softmax_scale) {
   check_qkv(q, k, v, "flash_attention");
   check_cu_seqlens_meta(cu_seqlens, q, max_seqlen, "flash_attention");
-  // A negative scale turns the softmax upside down (no attention means that); the CUDA kernels also rely
-  // on it, taking each row's max over the unscaled scores.
-  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0,
-              "flash_attention: softmax_scale must be finite and >= 0, got ", softmax_scale);
+  check_softmax_scale(softmax_scale, "flash_attention");
 }
 
 void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -82,8 +87,7 @@ void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor
                                     double softmax_scale) {
   check_qkv(q, k, v, "flash_attention backward");
   check_cu_seqlens_meta(cu_seqlens, q, max_seqlen, "flash_attention backward");
-  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0,
-              "flash_attention backward: softmax_scale must be finite and >= 0, got ", softmax_scale);
+  check_softmax_scale(softmax_scale, "flash_attention backward");
   check_like_q(grad_out, "flash_attention backward: grad_out", q);
   check_like_q(out, "flash_attention backward: out", q);
   check_lse_like(lse, "flash_attention backward: lse", q);

@@ -5,6 +5,12 @@
 
 namespace internlm2 {
 
+int64_t rms_norm_rows(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
+}
+
 void check_rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() >= 1, "rms_norm: x must have at least 1 dimension [..., H], got a scalar");
   check_float_dtype(x, "rms_norm: x");
@@ -26,7 +32,7 @@ void check_rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, cons
   check_same_dtype(grad_y, "rms_norm backward: grad_y", x, "x");
   check_same_device(grad_y, "rms_norm backward: grad_y", x, "x");
   check_contiguous(grad_y, "rms_norm backward: grad_y");
-  const int64_t rows = x.size(-1) == 0 ? 0 : x.numel() / x.size(-1);
+  const int64_t rows = rms_norm_rows(x);
   TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == rows, "rms_norm backward: rstd must have shape [", rows,
               "] (one per row of x), got ", shape_str(rstd));
   check_dtype(rstd, "rms_norm backward: rstd", at::kFloat);

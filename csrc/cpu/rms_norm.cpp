@@ -5,6 +5,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <cmath>
+
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "ops.h"
@@ -14,10 +16,9 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rms_norm_forward(x, weight, eps);
-  const int64_t hidden = x.size(-1);
-  const int64_t rows = hidden == 0 ? 0 : x.numel() / hidden;
   at::Tensor y = at::empty_like(x);
-  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rms_norm_rows(x)}, x.options().dtype(at::kFloat));
+  if (x.size(-1) == 0) return {y, rstd.fill_(NAN)};
   INTERNLM2_CPU_DISPATCH(rms_norm_forward_kernel)(x, weight, eps, y, rstd);
   return {y, rstd};
 }

@@ -3,9 +3,17 @@
 // kernels in flash_attention/ (one instantiation file per dtype x head dim x direction).
 //
 // Supported here: bf16 and fp16, head dims 64 and 128 (what InternLM2-family models use), any number of
-// packed sequences, GQA/MQA, causal or not. The CPU backend covers the rest (fp32, other head dims).
+// packed sequences, GQA/MQA, causal or not. Other dtypes and head dims raise here; internlm2.ops
+// .flash_attention runs its reference for them instead (internlm2/ops/flash_attention.py).
 // No host synchronisation: cu_seqlens is only read by the kernels, so the op can be captured in a CUDA
 // graph; max_seqlen sizes the grid and must bound every sequence.
+//
+// Two backward schedules for GQA, chosen per call by INTERNLM2_FLASH_BWD_GQA (read on every call, so one
+// process can time both):
+//   serial (default): one CTA per (KV head, sequence, key block) walks every query head of the group and
+//     writes dK/dV once, deterministically;
+//   split: one CTA per query head as well (group times more CTAs, for few KV heads and short sequences),
+//     dK/dV summed over the group in fp32 with atomics, then cast.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +21,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/device.cuh"
 #include "cuda/flash_attention/params.h"
@@ -70,14 +80,30 @@ void fill_common(flash::FwdParams& p, const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK(int64_t(p.num_heads) * p.batch <= INT32_MAX, "flash_attention: too many (head, sequence) pairs");
 }
 
+// One kernel instantiation as a type, so generic lambdas (C++14) can take it: f(KernelCase<...>{}).
+template <Dtype kDtype_, int kHeadDim_>
+struct KernelCase {
+  static constexpr Dtype kDtype = kDtype_;
+  static constexpr int kHeadDim = kHeadDim_;
+};
+
+// Calls f with the KernelCase of q's dtype and head dim (check_cuda_support has vetted both).
 template <typename F>
 void dispatch(const at::Tensor& q, F&& f) {
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   if (q.size(2) == 64) {
-    bf16 ? f.template operator()<Dtype::kBF16, 64>() : f.template operator()<Dtype::kFP16, 64>();
+    bf16 ? f(KernelCase<Dtype::kBF16, 64>{}) : f(KernelCase<Dtype::kFP16, 64>{});
   } else {
-    bf16 ? f.template operator()<Dtype::kBF16, 128>() : f.template operator()<Dtype::kFP16, 128>();
+    bf16 ? f(KernelCase<Dtype::kBF16, 128>{}) : f(KernelCase<Dtype::kFP16, 128>{});
   }
+}
+
+// INTERNLM2_FLASH_BWD_GQA: "serial" (or unset) or "split" (see the top of this file).
+bool split_query_group() {
+  const char* v = std::getenv("INTERNLM2_FLASH_BWD_GQA");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "serial") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "split") == 0, "INTERNLM2_FLASH_BWD_GQA must be 'serial' or 'split', got '", v, "'");
+  return true;
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -100,7 +126,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q_i
   p.o_row_stride = out.stride(0);
   p.o_head_stride = out.stride(1);
   p.lse = lse.mutable_data_ptr<float>();
-  dispatch(q, [&]<Dtype kDtype, int kHeadDim>() { flash::run_flash_fwd<kDtype, kHeadDim>(p, current_stream()); });
+  dispatch(q, [&](auto c) {
+    using C = decltype(c);
+    flash::run_flash_fwd<C::kDtype, C::kHeadDim>(p, current_stream());
+  });
   return {out, lse};
 }
 
@@ -209,8 +238,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
   p.dk = dk.mutable_data_ptr();
   p.dv = dv.mutable_data_ptr();
   p.num_kv_heads = static_cast<int>(k.size(1));
+  // Split: each CTA takes one query head; its dK/dV parts meet in fp32 buffers of dk/dv's layout.
+  const bool split = split_query_group() && p.group > 1;  // a group of one is the serial schedule
+  at::Tensor dk_accum, dv_accum;
+  if (split) {
+    dk_accum = at::zeros(dk.sizes(), dk.options().dtype(at::kFloat));
+    dv_accum = at::zeros(dv.sizes(), dv.options().dtype(at::kFloat));
+    p.dk_accum = dk_accum.mutable_data_ptr<float>();
+    p.dv_accum = dv_accum.mutable_data_ptr<float>();
+  }
 
-  dispatch(q, [&]<Dtype kDtype, int kHeadDim>() { launch_backward<kDtype, kHeadDim>(p, dout, out, current_stream()); });
+  dispatch(q, [&](auto c) {
+    using C = decltype(c);
+    launch_backward<C::kDtype, C::kHeadDim>(p, dout, out, current_stream());
+  });
+  if (split) {
+    dk.copy_(dk_accum);
+    dv.copy_(dv_accum);
+  }
   return {dq, dk, dv};
 }
 

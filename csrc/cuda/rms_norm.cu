@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "common/dispatch.h"
@@ -235,10 +236,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const a
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t hidden = x.size(-1);
   TORCH_CHECK(hidden <= INT32_MAX, "rms_norm: hidden size ", hidden, " is too large");
-  const int64_t rows = hidden == 0 ? 0 : x.numel() / hidden;
+  const int64_t rows = rms_norm_rows(x);
   at::Tensor y = at::empty_like(x);
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-  if (rows == 0) return {y, rstd};
+  if (hidden == 0) rstd.fill_(NAN);
+  if (x.numel() == 0) return {y, rstd};
   const cudaStream_t stream = current_stream();
   INTERNLM2_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rms_norm_forward_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
@@ -261,10 +263,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_y, c
   TORCH_CHECK(hidden <= kMaxHiddenBackward, "rms_norm backward on CUDA supports hidden sizes up to ",
               kMaxHiddenBackward, ", got ", hidden);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = hidden == 0 ? 0 : x.numel() / hidden;
+  const int64_t rows = rms_norm_rows(x);
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_weight = at::empty_like(weight);
-  if (rows == 0) {
+  if (x.numel() == 0) {
     grad_weight.zero_();
     return {grad_x, grad_weight};
   }

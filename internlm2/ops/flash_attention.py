@@ -4,14 +4,35 @@ q [T, Hq, D], k/v [T, Hkv, D] with Hq % Hkv == 0 (query head h reads KV head h /
 repeat_kv); `cu_seqlens` int32 [B+1] marks where each packed sequence starts, so attention never crosses
 sequences. The log-sum-exp [Hq, T] float32 is what ring attention merges partial results on; it is
 differentiable, so a caller may use it in its loss.
+
+On CUDA the kernels are built for bf16/fp16 with head dims 64 and 128; other inputs on a GPU run the
+reference (with a KernelFallbackWarning once per case), so every model runs there, if slower.
 """
 
 import torch
 
+import internlm2
+from internlm2.ops._fallback import note_fallback
 from internlm2.ops._precision import accumulate_dtype
 
 _forward = torch.ops.internlm2.flash_attention_forward
 _backward = torch.ops.internlm2.flash_attention_backward
+
+# The instantiations of the CUDA kernels (csrc/cuda/flash_attention.cu: dispatch, check_cuda_support).
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CUDA_HEAD_DIMS = (64, 128)
+
+
+def cuda_kernel_gap(dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the CUDA kernels cannot take q/k/v of this dtype and head dim; None when they can."""
+    gaps = []
+    if dtype not in CUDA_DTYPES:
+        gaps.append(f"dtype {str(dtype).removeprefix('torch.')}")
+    if head_dim not in CUDA_HEAD_DIMS:
+        gaps.append(f"head dim {head_dim}")
+    if not gaps:
+        return None
+    return f"no CUDA kernel for {' and '.join(gaps)} (they take bfloat16/float16 with head dims 64 and 128)"
 
 
 def longest_sequence(cu_seqlens: torch.Tensor | None, total_tokens: int) -> int:
@@ -35,14 +56,20 @@ def flash_attention(
 ):
     """softmax(q k^T * softmax_scale [+ causal mask]) v per packed sequence, without the T x T matrix.
 
-    q, k, v contiguous, one dtype (fp32, bf16 or fp16). softmax_scale defaults to D ** -0.5. max_seqlen
-    (an upper bound on every sequence's length) is derived from cu_seqlens when not given. Returns out
-    [T, Hq, D], and with return_lse also lse [Hq, T] float32 (natural log). Differentiable in q, k, v.
+    q, k, v contiguous, one dtype (fp32, bf16 or fp16). softmax_scale (> 0) defaults to D ** -0.5.
+    max_seqlen (an upper bound on every sequence's length) is derived from cu_seqlens when not given.
+    Returns out [T, Hq, D], and with return_lse also lse [Hq, T] float32 (natural log). Differentiable in
+    q, k, v. CUDA inputs no kernel was built for run `flash_attention_reference` (see the module doc).
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     if max_seqlen is None:
         max_seqlen = longest_sequence(cu_seqlens, q.shape[0])
+    gap = cuda_kernel_gap(q.dtype, q.shape[-1]) if q.is_cuda and q.dim() == 3 else None
+    if gap is not None:
+        internlm2._C.check_flash_attention_forward(q, k, v, cu_seqlens, int(max_seqlen), float(softmax_scale))
+        note_fallback("flash_attention", gap)
+        return flash_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, return_lse)
     out, lse = _forward(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), float(softmax_scale))
     return (out, lse) if return_lse else out
 

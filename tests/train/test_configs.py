@@ -3,8 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from internlm2.config import ConfigError, load_config
+from internlm2.model.config import ModelConfig
+from internlm2.ops.flash_attention import cuda_kernel_gap
 from internlm2.train.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -40,3 +43,11 @@ def test_tiny_default_loads():
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, CONFIGS / "tiny.yaml", [override])
+
+
+def test_gpu_check_config_takes_every_cuda_kernel():
+    """scripts/gpu_check.sh's end-to-end run must exercise the fused CUDA kernels, not the reference fallback."""
+    cfg = load_config(TrainConfig, CONFIGS / "gpu_check.yaml")
+    model = ModelConfig.from_dict(cfg.model)
+    assert model.kernels == "fused"
+    assert cuda_kernel_gap(getattr(torch, cfg.dtype), model.head_size) is None

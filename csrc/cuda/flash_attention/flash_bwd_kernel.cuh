@@ -3,12 +3,14 @@
 // Three kernels:
 //   1. flash_bwd_delta_kernel: delta = rowsum(dO * O) - grad_lse per (head, token), the softmax-gradient
 //      term (grad_lse, when a caller used the lse, enters dS as P * grad_lse, i.e. with the opposite sign).
-//   2. flash_bwd_kernel: a CTA owns kBlockN keys of one KV head. For each query head of the group and each
-//      query block that sees those keys (causal: only blocks on or below the diagonal), it recomputes
-//      P = exp(scale * Q K^T - lse), then
+//   2. flash_bwd_kernel: a CTA owns kBlockN keys of one KV head. For each query head of its share of the
+//      group and each query block that sees those keys (causal: only blocks on or below the diagonal), it
+//      recomputes P = exp(scale * Q K^T - lse), then
 //          dV += P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dK += dS^T Q,   dQ += dS K
-//      dK and dV stay in fp32 registers across the whole group and are written once; dQ parts are added
-//      to an fp32 buffer with atomics (other key blocks add theirs).
+//      dK and dV stay in fp32 registers across its heads; dQ parts are added to an fp32 buffer with atomics
+//      (other key blocks add theirs). Serial schedule: a CTA walks the whole query group and writes dK and
+//      dV once. Split schedule (kSplitGroup, its own instantiation so the serial kernel's registers are not
+//      touched): a CTA per query head, each adding its part of dK and dV to fp32 buffers with atomics.
 //   3. flash_bwd_dq_kernel: dQ = softmax_scale * dq_accum in the input dtype (and layout [T, Hq, D]).
 // Q is double-buffered (the next block loads while dK still reads the current one); P and dS go through
 // shared memory because the dV/dK products need them transposed.
@@ -28,7 +30,7 @@ struct QueryBlock {
   int m_block;
 };
 
-template <typename Traits>
+template <typename Traits, bool kSplitGroup>
 __global__ void __launch_bounds__(Traits::kThreads) flash_bwd_kernel(const __grid_constant__ BwdParams p) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -45,8 +47,9 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_bwd_kernel(const __gri
   const int m_begin = p.causal ? n_block * kBlockN / kBlockM : 0;
   const int m_count = ceil_div(seq.len, kBlockM) - m_begin;
   const int mask_m_end = p.causal ? ceil_div((n_block + 1) * kBlockN, kBlockM) : 0;  // blocks crossing the diagonal
-  const int iterations = p.group * m_count;
-  const int first_head = kv_head * p.group;
+  // Serial: every query head of the group. Split: query head blockIdx.z of the group alone.
+  const int iterations = (kSplitGroup ? 1 : p.group) * m_count;
+  const int first_head = kv_head * p.group + (kSplitGroup ? static_cast<int>(blockIdx.z) : 0);
 
   // Shared memory: Q[2], dO, K, V, P, dS.
   Tensor sQ0 = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
@@ -254,9 +257,27 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_bwd_kernel(const __gri
     cur = next;
   }
 
-  // Epilogue: dK = scale * acc_dk, dV = acc_dv, staged through K/V's shared memory, 16-byte stores.
+  // Epilogue: dK = scale * acc_dk, dV = acc_dv.
   CUTE_UNROLL
   for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= p.scale;
+  const int64_t dkv_row_stride = int64_t(p.num_kv_heads) * kHeadDim;
+  if constexpr (kSplitGroup) {  // one query head's part: added to the fp32 sums (the host casts them)
+    Tensor tdKVcC = thr_dkv.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+    float* dk_block = p.dk_accum + kv_row * dkv_row_stride + kv_head * kHeadDim;
+    float* dv_block = p.dv_accum + kv_row * dkv_row_stride + kv_head * kHeadDim;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dk); ++i) {
+      const int row = get<0>(tdKVcC(i));
+      if (row < keys_valid) atomicAdd(dk_block + row * dkv_row_stride + get<1>(tdKVcC(i)), acc_dk(i));
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dv); ++i) {
+      const int row = get<0>(tdKVcC(i));
+      if (row < keys_valid) atomicAdd(dv_block + row * dkv_row_stride + get<1>(tdKVcC(i)), acc_dv(i));
+    }
+    return;
+  }
+  // The whole group: staged through K/V's shared memory, 16-byte stores.
   Tensor rdK = convert_fragment<Element>(acc_dk);
   Tensor rdV = convert_fragment<Element>(acc_dv);
   auto copy_c_dkv = make_tiled_copy_C(typename Traits::SmemStore{}, mma_dkv);
@@ -266,7 +287,6 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_bwd_kernel(const __gri
   copy(copy_c_dkv, thr_c_dkv.retile_S(rdV), thr_c_dkv.partition_D(sV));
   __syncthreads();
 
-  const int64_t dkv_row_stride = int64_t(p.num_kv_heads) * kHeadDim;
   Tensor gdK = make_tensor(make_gmem_ptr(static_cast<Element*>(p.dk) + kv_row * dkv_row_stride + kv_head * kHeadDim),
                            Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_stride(dkv_row_stride, _1{}));
   Tensor gdV = make_tensor(make_gmem_ptr(static_cast<Element*>(p.dv) + kv_row * dkv_row_stride + kv_head * kHeadDim),
@@ -287,10 +307,11 @@ __global__ void __launch_bounds__(Traits::kThreads) flash_bwd_kernel(const __gri
 template <typename Traits>
 void launch_flash_bwd_main(const BwdParams& p, cudaStream_t stream) {
   constexpr int smem = Traits::kSmemBytes;
-  auto kernel = &flash_bwd_kernel<Traits>;
+  const bool split = p.dk_accum != nullptr;
+  auto kernel = split ? &flash_bwd_kernel<Traits, true> : &flash_bwd_kernel<Traits, false>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  // x: (KV head, sequence) pairs, y: key blocks.
-  const dim3 grid(p.num_kv_heads * p.batch, ceil_div(p.max_seqlen, Traits::kBlockN));
+  // x: (KV head, sequence) pairs, y: key blocks, z: query heads of the group (split) or one.
+  const dim3 grid(p.num_kv_heads * p.batch, ceil_div(p.max_seqlen, Traits::kBlockN), split ? p.group : 1);
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

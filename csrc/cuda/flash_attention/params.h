@@ -44,6 +44,10 @@ struct BwdParams : FwdParams {
   void* dk;                // [T, Hkv, D], contiguous
   void* dv;                // [T, Hkv, D], contiguous
   int num_kv_heads;
+  // The split GQA schedule (a CTA per query head) adds each head's dK/dV into these ([T, Hkv, D] float32,
+  // zeroed); nullptr: the serial schedule (a CTA per KV head writes dk/dv once).
+  float* dk_accum;
+  float* dv_accum;
 };
 
 // One specialisation per (dtype, head dim), each in its own .cu file so the build parallelises.
