@@ -79,3 +79,42 @@ def test_a_reward_model_starts_from_a_causal_lm_backbone_with_a_fresh_head(tmp_p
     with pytest.raises(ValueError, match="parameter v_head.weight .* has no such tensor"):
         load_into([InternLM2ForScore(config)], tmp_path / "sft")  # a missing head must be declared fresh
     assert isinstance(load_pretrained(tmp_path / "sft"), InternLM2ForCausalLM)
+
+
+def test_score_command_scores_each_conversation_as_the_model_does(tmp_path):
+    """`internlm2 score` on an exported reward model: each line's score equals the scalar head at the
+    reward token appended to the ChatML rendering (with the condition's system prompt first)."""
+    import subprocess
+    import sys
+
+    from internlm2.data import Tokenizer, train_tokenizer
+    from internlm2.data.chat import Message, render
+
+    tok_dir = tmp_path / "tok"
+    train_tokenizer((f"user says {i} and the assistant answers {i * 7}" for i in range(400)), tok_dir, 300)
+    tokenizer = Tokenizer.load(tok_dir)
+    config = tiny_config(vocab_size=320, reward_token_id=tokenizer.unk_id)
+    _, scorer = _score_model(config)
+    save_pretrained(scorer, tmp_path / "rm", tokenizer_directory=tok_dir)
+    (tmp_path / "rm" / "conditions.json").write_text(json.dumps({"brief": "Answer in one word."}))
+    lines = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "7"}],
+             {"messages": [{"role": "user", "content": "12"}, {"role": "assistant", "content": "84"}],
+              "condition": "brief"}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    result = subprocess.run([sys.executable, "-m", "internlm2.cli", "score", "--model", str(tmp_path / "rm"),
+                             "--input", str(tmp_path / "in.jsonl"), "--kernels", "reference"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    got = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [g["condition"] for g in got] == [None, "brief"]
+    conversations = [[Message("user", "hi"), Message("assistant", "7")],
+                     [Message("system", "Answer in one word."), Message("user", "12"), Message("assistant", "84")]]
+    with torch.no_grad():
+        for g, conversation in zip(got, conversations):
+            ids = torch.tensor(render(conversation, tokenizer)[0] + [tokenizer.unk_id])
+            want = scorer(ids, cu_seqlens=torch.tensor([0, len(ids)], dtype=torch.int32))[-1]
+            assert abs(g["score"] - want.item()) < 1e-5
+    bad = subprocess.run([sys.executable, "-m", "internlm2.cli", "score", "--model", str(tmp_path / "rm"),
+                          "--input", str(tmp_path / "in.jsonl"), "--condition", "verbose"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "condition 'verbose' is not one of the reward model's ['brief']" in bad.stderr
