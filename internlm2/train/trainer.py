@@ -42,6 +42,7 @@ from internlm2.train.flops import DecoderShape, document_lengths, training_flops
 from internlm2.train.launch_env import pg_timeout_s
 from internlm2.train.metrics import MFUError, Peak, device_peak, peak_memory_bytes, reset_peak_memory, throughput
 from internlm2.train.metrics_log import MetricsLogger
+from internlm2.train.preemption import StopSignals
 from internlm2.train.schedule import WarmupCosine
 from internlm2.train.timers import Timers
 
@@ -135,6 +136,7 @@ class Trainer:
         self.checkpoints = CheckpointDirectory(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.rank, self.barrier)
         self.shape = DecoderShape.of(self.model_config)
         self.timers = Timers(cuda_sync=self.device.type == "cuda")
+        self.stop_signals = StopSignals.from_environment(self.device, self.rank)
 
     # ---- construction ---------------------------------------------------------------------------
     def _model_config(self) -> ModelConfig:
@@ -237,10 +239,11 @@ class Trainer:
             print(f"resumed from {resumed} at step {self.state.step} (stage {cfg.stages[self.state.stage].name})",
                   flush=True)
         try:
-            while self.state.stage < len(cfg.stages):
-                self._run_stage(cfg.stages[self.state.stage], logger)
-                self.state.stage += 1
-                self.state.stage_step = self.state.consumed_samples = 0
+            with self.stop_signals.catching():
+                while self.state.stage < len(cfg.stages):
+                    self._run_stage(cfg.stages[self.state.stage], logger)
+                    self.state.stage += 1
+                    self.state.stage_step = self.state.consumed_samples = 0
         finally:
             logger.close()
         return self.state
@@ -274,8 +277,11 @@ class Trainer:
             if eval_set is not None and state.step % cfg.eval.every == 0:
                 eval_loss = self.evaluate(eval_set, stage)
                 logger.log(state.step, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
-            if state.stage_step == stage.steps or state.step % cfg.checkpoint.every == 0:
+            stop = self.stop_signals.stop_requested()  # a collective: the same answer on every rank
+            if stop or state.stage_step == stage.steps or state.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
+            if stop:
+                raise self.stop_signals.stopped(state.step)
 
     def _prepare(self, batch: dict) -> dict:
         """A collated micro-batch on the device; under context parallelism every packed piece is padded so
