@@ -2,11 +2,19 @@
 
 Each command lives in its own module with `add_arguments(parser)` and `run(args) -> int | None`; only the
 chosen command's module is imported, so `internlm2 --help` is instant.
+
+A user's mistake (`internlm2.errors.UserError`: bad config, bad layout, missing or corrupt files, bad
+data) and a missing or unreadable file print one line, `internlm2 <command>: error: ...`, and exit 2;
+`--debug` (or INTERNLM2_DEBUG=1, e.g. through a launcher) shows the traceback instead. Anything else is a
+bug and keeps its traceback.
 """
 
 import argparse
 import importlib
+import os
 import sys
+
+from internlm2.errors import UserError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,7 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"internlm2 {ns.command}", description=help_)
     module.add_arguments(parser)
-    return int(module.run(parser.parse_args(ns.args)) or 0)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
+    args = parser.parse_args(ns.args)
+    debug = args.debug or os.environ.get("INTERNLM2_DEBUG", "") not in ("", "0")
+    try:
+        return int(module.run(args) or 0)
+    except (UserError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        if debug:
+            raise
+        print(f"internlm2 {ns.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

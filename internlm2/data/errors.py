@@ -2,8 +2,10 @@
 
 from collections import Counter
 
+from internlm2.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad input to the data pipeline: a corrupt shard, a malformed record, a missing file, a bad option.
 
     The message names the file (and line, for JSONL) and what is wrong with it."""

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from internlm2.constants import IGNORE_INDEX
 from internlm2.data.errors import DataError
 from internlm2.data.prepared import PreparedDataset
 
-IGNORE_INDEX = -100
 
 
 class PackedDataset(Dataset):

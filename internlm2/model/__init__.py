@@ -4,10 +4,12 @@ from internlm2.model.config import PRESETS, ConfigError, ModelConfig, preset_con
 from internlm2.model.generation import GenerationResult, SamplingParams, generate
 from internlm2.model.kv_cache import KVCache
 from internlm2.model.loss import causal_lm_loss
-from internlm2.model.model import CausalLMOutput, InternLM2ForCausalLM
+from internlm2.model.heads import BackboneOutput, LMHead, ScalarHead
+from internlm2.model.model import CausalLMOutput, InternLM2ForCausalLM, InternLM2ForScore, InternLM2Model
 from internlm2.model.pretrained import convert_checkpoint
 
 __all__ = [
-    "PRESETS", "CausalLMOutput", "ConfigError", "GenerationResult", "InternLM2ForCausalLM", "KVCache", "ModelConfig",
-    "SamplingParams", "causal_lm_loss", "convert_checkpoint", "generate", "preset_config",
+    "PRESETS", "BackboneOutput", "CausalLMOutput", "ConfigError", "GenerationResult", "InternLM2ForCausalLM",
+    "InternLM2ForScore", "InternLM2Model", "KVCache", "LMHead", "ModelConfig", "SamplingParams", "ScalarHead",
+    "causal_lm_loss", "convert_checkpoint", "generate", "preset_config",
 ]

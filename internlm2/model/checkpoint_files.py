@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from internlm2.errors import CheckpointError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -34,8 +36,6 @@ COMPANION_FILES = (
 REMOTE_CODE_GLOB = "*internlm2*.py"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory whose files or tensors do not fit the model (the message says which)."""
 
 
 class CheckpointReader:

@@ -11,11 +11,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from internlm2.errors import ConfigError
+
 KERNELS = ("fused", "reference")
 
 
-class ConfigError(ValueError):
-    """A model configuration that cannot describe a model (the message names the fields)."""
 
 
 @dataclass

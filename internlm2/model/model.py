@@ -1,10 +1,17 @@
-"""InternLM2ForCausalLM: embeddings, pre-norm decoder layers, final norm, untied output head.
+"""InternLM2: the backbone (embeddings, pre-norm decoder layers, final norm) and a head on top.
+
+`InternLM2Model` is the backbone (HF prefix `model.`): it packs the inputs, applies RoPE, runs the layers
+(with context/sequence parallelism and the KV cache) and returns a `BackboneOutput`, the last hidden
+states of the tokens this rank computed. Heads (heads.py) turn those into what a stage needs:
+`InternLM2ForCausalLM` carries the language-model head (`output`), `InternLM2ForScore` the scalar head
+(`v_head`, a reward model or a critic).
 
 Parameter names are InternLM2's HF names (`model.tok_embeddings.weight`, `model.layers.{i}.attention.wqkv
-.weight`, ..., `output.weight`), so checkpoints map by name. Built from the tensor-parallel layers (plain
-linears at TP=1), so the same class runs one process or any TP layout, and a pipeline stage is the same
-class holding some layers: `layer_ids` (global indices, which the parameter names keep), `with_embedding`
-(else the stage takes `hidden_states`) and `with_head` (else it returns hidden states).
+.weight`, ..., `output.weight` / `v_head.weight`), so checkpoints map by name. Built from the
+tensor-parallel layers (plain linears at TP=1), so the same classes run one process or any TP layout, and
+a pipeline stage is the same class holding some layers: `layer_ids` (global indices, which the parameter
+names keep), `with_embedding` (else the stage takes `hidden_states`) and `with_head` (else it returns
+hidden states; the final norm lives with the head).
 
 Inputs are padded `[B, S]` (with `attention_mask`) or packed `[T]` (with `cu_seqlens`); the model computes
 on packed tokens and returns outputs in the caller's layout (see packing.py).
@@ -18,15 +25,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from internlm2.constants import IGNORE_INDEX
 from internlm2.model.config import ModelConfig
 from internlm2.model.decoder import DecoderLayer
+from internlm2.model.heads import BackboneOutput, LMHead, ScalarHead
 from internlm2.model.kernels import Kernels, select_kernels
 from internlm2.model.kv_cache import KVCache
-from internlm2.model.loss import causal_lm_loss
 from internlm2.model.norm import RMSNorm
 from internlm2.model.packing import Packing, context_parallel_packing, packing_for
 from internlm2.ops import DynamicNTKScaling
-from internlm2.parallel import ColumnParallelLinear, ParallelState, VocabParallelEmbedding
+from internlm2.parallel import ParallelState, VocabParallelEmbedding
 
 
 @dataclass
@@ -42,11 +50,13 @@ class CausalLMOutput:
 
 
 class InternLM2Model(nn.Module):
-    """The decoder stack (HF prefix `model.`): token embeddings, layers, final norm."""
+    """The backbone (HF prefix `model.`): token embeddings (first stage), layers, final norm (last stage)."""
 
     def __init__(self, config: ModelConfig, parallel: ParallelState, layer_ids: Iterable[int], *, with_embedding: bool,
                  with_norm: bool, dtype=None, device=None):
         super().__init__()
+        self.config, self.parallel = config, parallel
+        self.kernels: Kernels = select_kernels(config.kernels)
         self.tok_embeddings = (
             VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel=parallel, dtype=dtype, device=device)
             if with_embedding else None
@@ -56,69 +66,6 @@ class InternLM2Model(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device) if with_norm else None
 
-
-class InternLM2ForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: ParallelState | None = None, *,
-                 layer_ids: Iterable[int] | None = None, with_embedding: bool = True, with_head: bool = True,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-        super().__init__()
-        self.config = config
-        self.parallel = parallel = parallel or ParallelState.single()
-        parallel.config.validate(num_attention_heads=config.num_attention_heads,
-                                 num_kv_heads=config.num_key_value_heads, vocab_size=config.vocab_size)
-        layer_ids = list(range(config.num_layers) if layer_ids is None else layer_ids)
-        bad = [i for i in layer_ids if not 0 <= i < config.num_layers]
-        if bad or len(set(layer_ids)) != len(layer_ids):
-            raise ValueError(f"layer_ids must be distinct indices in [0, num_layers={config.num_layers}), got {layer_ids}")
-        self.layer_ids = layer_ids
-        self.kernels: Kernels = select_kernels(config.kernels)
-        self.model = InternLM2Model(config, parallel, layer_ids, with_embedding=with_embedding, with_norm=with_head,
-                                    dtype=dtype, device=device)
-        # Logits are gathered over TP for callers; the loss reads the local vocabulary shard instead.
-        self.output = (
-            ColumnParallelLinear(config.hidden_size, config.vocab_size, parallel=parallel, gather_output=True,
-                                 dtype=dtype, device=device)
-            if with_head else None
-        )
-        self.reset_parameters()
-
-    # ---- construction helpers
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """InternLM2's init: every matrix (linear, embedding) N(0, initializer_range), norm weights 1."""
-        for param in self.parameters():
-            if param.device.type == "meta":
-                continue
-            if param.dim() >= 2:
-                param.normal_(0.0, self.config.initializer_range, generator=generator)
-            else:
-                param.fill_(1.0)
-
-    @property
-    def with_embedding(self) -> bool:
-        return self.model.tok_embeddings is not None
-
-    @property
-    def with_head(self) -> bool:
-        return self.output is not None
-
-    # ---- HF checkpoints (see pretrained.py)
-    @classmethod
-    def from_pretrained(cls, directory, **kwargs) -> "InternLM2ForCausalLM":
-        """Loads an HF InternLM2 or Llama checkpoint directory (`parallel`, `dtype`, `device`, `kernels`
-        and the stage arguments as keywords)."""
-        from internlm2.model.pretrained import load_pretrained
-
-        return load_pretrained(directory, **kwargs)
-
-    def save_pretrained(self, directory, format: str = "internlm2", **kwargs):
-        """Writes an HF checkpoint directory in the InternLM2 or Llama layout (`dtype`, `max_shard_size`,
-        `tokenizer_directory`, `overwrite` as keywords)."""
-        from internlm2.model.pretrained import save_pretrained
-
-        return save_pretrained(self, directory, fmt=format, **kwargs)
-
-    # ---- forward
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -128,64 +75,45 @@ class InternLM2ForCausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-        labels: torch.Tensor | None = None,
-        loss_reduction: str = "mean",
-        ignore_index: int = -100,
-        return_logits: bool | None = None,
         kv_cache: KVCache | None = None,
-    ) -> CausalLMOutput:
-        """Runs the stage on padded `[B, S]` or packed `[T]` inputs (`input_ids` on a stage with the
-        embedding, else `hidden_states` `[B, S, H]` / `[T, H]`).
+    ) -> BackboneOutput:
+        """Runs this stage's part of the backbone on padded `[B, S]` or packed `[T]` inputs (`input_ids` on
+        the stage with the embedding, else `hidden_states`) and returns the hidden states of the computed
+        tokens (after the final norm on the last stage). kv_cache: generation (see generation.py): the
+        first call is the prefill of one packed prompt per cache row, each later call passes one token per
+        row `[B]`.
 
-        labels: targets aligned with the inputs (already shifted: `labels[t]` is the token that follows
-        position t; `ignore_index` where there is none); the loss is computed from the hidden states and
-        the output weight without materialising the logits. return_logits: default True without labels,
-        False with them. kv_cache: generation (see generation.py): the first call is the prefill of one
-        packed prompt per cache row, each later call passes one token per row `[B]`.
-
-        Context parallelism (cp > 1): pass the whole packed row (`input_ids [T]`, `cu_seqlens`, `labels`);
-        each CP rank computes its zigzag share of every sequence (`internlm2.parallel.context_parallel`),
-        and outputs (logits, hidden states, per-token losses) are that share's tokens, in `split.index`
-        order. The loss is this rank's part: use reduction "sum" and divide by the row's token count.
-        Under sequence and/or context parallelism, hidden states passed between pipeline stages are this
-        rank's tokens `[T_local, H]`.
-        """
+        Context parallelism (cp > 1): pass the whole packed row (`input_ids [T]`, `cu_seqlens`); each CP
+        rank computes its zigzag share of every sequence (`internlm2.parallel.context_parallel`). Under
+        sequence and/or context parallelism, hidden states passed between pipeline stages are this rank's
+        tokens `[T_local, H]`."""
         inputs = self._check_inputs(input_ids, hidden_states)
         packing, shape = self._packing(inputs, attention_mask, cu_seqlens, position_ids, max_seqlen, kv_cache)
         if kv_cache is not None:
             kv_cache.check_step(packing)
-        h = packing.pack(inputs) if self.with_embedding or not self._local_hidden else inputs
-        if self.with_embedding:
-            h = self.model.tok_embeddings(h)
+        h = packing.pack(inputs) if self.tok_embeddings is not None or not self.local_hidden else inputs
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(h)
         rope = self._rope_tables(packing, kv_cache)
-        for layer in self.model.layers.values():
+        for layer in self.layers.values():
             h = layer(h, rope, packing, self.kernels, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(packing)
-        unpack_hidden = (lambda x: x) if self._local_hidden else packing.unpack
-        if not self.with_head:
-            return CausalLMOutput(hidden_states=unpack_hidden(h))
-        h = self.model.norm(h, self.kernels)
-        out = CausalLMOutput(hidden_states=unpack_hidden(h))
-        if labels is not None:
-            out.loss = causal_lm_loss(h, self.output.weight, self._packed_labels(labels, packing, shape),
-                                      kernels=self.kernels, parallel=self.parallel, reduction=loss_reduction,
-                                      ignore_index=ignore_index)
-        if return_logits if return_logits is not None else labels is None:
-            out.logits = packing.unpack(self.output(h))
-        return out
+        if self.norm is not None:
+            h = self.norm(h, self.kernels)
+        return BackboneOutput(h, packing, shape, self.parallel)
 
     @property
-    def _local_hidden(self) -> bool:
+    def local_hidden(self) -> bool:
         """Whether hidden states in and out of this stage hold only this rank's tokens (SP and/or CP)."""
         return self.parallel.sequence_parallel or self.parallel.cp_size > 1
 
     def _packing(self, inputs, attention_mask, cu_seqlens, position_ids, max_seqlen, kv_cache) -> tuple[Packing, tuple]:
         """The packing of this call and the shape of its (whole-row) token inputs."""
         cp = self.parallel.cp_size
-        if self.with_embedding:
+        if self.tok_embeddings is not None:
             shape = tuple(inputs.shape)
-        elif not self._local_hidden:
+        elif not self.local_hidden:
             shape = tuple(inputs.shape[:-1])
         elif cu_seqlens is not None:
             shape = (int(cu_seqlens[-1]),)
@@ -203,11 +131,11 @@ class InternLM2ForCausalLM(nn.Module):
                 )
             packing_for(shape, inputs.device, cu_seqlens=cu_seqlens, what="input_ids")  # validates cu_seqlens
             return context_parallel_packing(cu_seqlens, self.parallel), shape
-        what = "input_ids" if self.with_embedding else "hidden_states"
+        what = "input_ids" if self.tok_embeddings is not None else "hidden_states"
         return packing_for(shape, inputs.device, attention_mask, cu_seqlens, position_ids, max_seqlen, what), shape
 
     def _check_inputs(self, input_ids, hidden_states) -> torch.Tensor:
-        if self.with_embedding:
+        if self.tok_embeddings is not None:
             if input_ids is None or hidden_states is not None:
                 raise ValueError("this model (stage) has the embedding: pass input_ids, not hidden_states")
             if input_ids.dtype not in (torch.int32, torch.int64):
@@ -252,8 +180,147 @@ class InternLM2ForCausalLM(nn.Module):
             scaling = DynamicNTKScaling(config.rope_scaling_factor, config.max_position_embeddings, seq_len)
         return self.kernels.rope_cos_sin(packing.position_ids, config.head_size, config.rope_theta, scaling)
 
-    @staticmethod
-    def _packed_labels(labels: torch.Tensor, packing: Packing, shape) -> torch.Tensor:
-        if tuple(labels.shape) != tuple(shape):
-            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected the inputs' {tuple(shape)}")
-        return packing.pack(labels)
+
+class _WithHead(nn.Module):
+    """A backbone stage plus, on the last stage, a head registered under the HF name `head_name`."""
+
+    head_name: str
+
+    def __init__(self, config: ModelConfig, parallel: ParallelState | None, layer_ids: Iterable[int] | None,
+                 with_embedding: bool, with_head: bool, dtype, device):
+        super().__init__()
+        parallel = parallel or ParallelState.single()
+        parallel.config.validate(num_attention_heads=config.num_attention_heads,
+                                 num_kv_heads=config.num_key_value_heads, vocab_size=config.vocab_size)
+        layer_ids = list(range(config.num_layers) if layer_ids is None else layer_ids)
+        bad = [i for i in layer_ids if not 0 <= i < config.num_layers]
+        if bad or len(set(layer_ids)) != len(layer_ids):
+            raise ValueError(f"layer_ids must be distinct indices in [0, num_layers={config.num_layers}), got {layer_ids}")
+        self.layer_ids = layer_ids
+        self.model = InternLM2Model(config, parallel, layer_ids, with_embedding=with_embedding, with_norm=with_head,
+                                    dtype=dtype, device=device)
+        setattr(self, self.head_name, self._make_head(dtype, device) if with_head else None)
+        self.reset_parameters()
+
+    def _make_head(self, dtype, device) -> nn.Module:
+        raise NotImplementedError
+
+    # The backbone owns the configuration (RoPE reads it), the layout and the kernels.
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @config.setter
+    def config(self, value: ModelConfig) -> None:
+        self.model.config = value
+
+    @property
+    def parallel(self) -> ParallelState:
+        return self.model.parallel
+
+    @property
+    def kernels(self) -> Kernels:
+        return self.model.kernels
+
+    @property
+    def head(self) -> nn.Module | None:
+        return getattr(self, self.head_name)
+
+    @property
+    def with_embedding(self) -> bool:
+        return self.model.tok_embeddings is not None
+
+    @property
+    def with_head(self) -> bool:
+        return self.head is not None
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """InternLM2's init: every matrix (linear, embedding, head) N(0, initializer_range), norm weights 1."""
+        for param in self.parameters():
+            if param.device.type == "meta":
+                continue
+            if param.dim() >= 2:
+                param.normal_(0.0, self.config.initializer_range, generator=generator)
+            else:
+                param.fill_(1.0)
+
+    def backbone(self, *args, **kwargs) -> BackboneOutput:
+        """The backbone's output with this stage's head attached (see `InternLM2Model.forward`)."""
+        out = self.model(*args, **kwargs)
+        out.head = self.head
+        return out
+
+
+class InternLM2ForCausalLM(_WithHead):
+    """Backbone + language-model head (`output`, untied from the embeddings)."""
+
+    head_name = "output"
+
+    def __init__(self, config: ModelConfig, parallel: ParallelState | None = None, *,
+                 layer_ids: Iterable[int] | None = None, with_embedding: bool = True, with_head: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__(config, parallel, layer_ids, with_embedding, with_head, dtype, device)
+
+    # ---- HF checkpoints (see pretrained.py)
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> "InternLM2ForCausalLM":
+        from internlm2.model.pretrained import load_pretrained
+
+        return load_pretrained(directory, **kwargs)
+
+    def save_pretrained(self, directory, format: str = "internlm2", **kwargs):
+        from internlm2.model.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, fmt=format, **kwargs)
+
+    def _make_head(self, dtype, device) -> LMHead:
+        return LMHead(self.config.hidden_size, self.config.vocab_size, self.parallel, self.kernels, dtype=dtype,
+                      device=device)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
+                loss_reduction: str = "mean", ignore_index: int = IGNORE_INDEX, return_logits: bool | None = None,
+                **backbone_inputs) -> CausalLMOutput:
+        """The backbone on `input_ids` (or `hidden_states`; see `InternLM2Model.forward` for the inputs),
+        then, on the stage with the head, the loss and/or logits.
+
+        labels: targets aligned with the inputs (already shifted: `labels[t]` is the token that follows
+        position t; `ignore_index` where there is none); the loss is computed from the hidden states and
+        the output weight without materialising the logits. return_logits: default True without labels,
+        False with them. Under context parallelism outputs (logits, hidden states, per-token losses) are
+        this rank's share of the tokens, in `split.index` order, and the loss is this rank's part: use
+        reduction "sum" and divide by the row's token count."""
+        out = self.backbone(input_ids, **backbone_inputs)
+        result = CausalLMOutput(hidden_states=out.stage_output())
+        if not self.with_head:
+            return result
+        if labels is not None:
+            result.loss = self.output.loss(out, labels, reduction=loss_reduction, ignore_index=ignore_index)
+        if return_logits if return_logits is not None else labels is None:
+            result.logits = self.output.logits(out)
+        return result
+
+
+class InternLM2ForScore(_WithHead):
+    """Backbone + scalar head (`v_head`): InternLM2's reward-model layout, also a PPO critic."""
+
+    head_name = "v_head"
+
+    def __init__(self, config: ModelConfig, parallel: ParallelState | None = None, *,
+                 layer_ids: Iterable[int] | None = None, with_embedding: bool = True, with_head: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__(config, parallel, layer_ids, with_embedding, with_head, dtype, device)
+
+    def _make_head(self, dtype, device) -> ScalarHead:
+        return ScalarHead(self.config.hidden_size, self.parallel, dtype=dtype, device=device)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
+                **backbone_inputs) -> torch.Tensor:
+        """Scores at `positions` (flat indices into the inputs' tokens), or of every token in the
+        inputs' layout when `positions` is None. On a stage without the head: its hidden states."""
+        out = self.backbone(input_ids, **backbone_inputs)
+        if not self.with_head:
+            return out.stage_output()
+        if positions is not None:
+            return self.v_head.scores_at(out, positions)
+        return out.unpack(self.v_head.token_scores(out))

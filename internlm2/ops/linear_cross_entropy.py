@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from internlm2.constants import IGNORE_INDEX
 from internlm2.ops._precision import accumulate_dtype
 
 _chunk_kernel = torch.ops.internlm2.cross_entropy_chunk_
@@ -141,7 +142,7 @@ def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     z_loss_weight: float = 0.0,
     chunk_size: int | None = None,
@@ -168,7 +169,7 @@ def linear_cross_entropy_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     z_loss_weight: float = 0.0,
 ) -> torch.Tensor:

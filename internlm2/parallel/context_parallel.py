@@ -137,3 +137,26 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split: CPS
             acc[qh] = _merge(acc[qh], out, lse)
     order = torch.argsort(torch.cat([split.first, split.second]))  # back to the local token order
     return torch.cat([acc[0][0], acc[1][0]])[order].to(q.dtype)
+
+
+class _SumOverContext(torch.autograd.Function):
+    """Forward: all-reduce over CP. Backward: all-reduce too, since every CP rank's objective reads the
+    whole sum (the adjoint of "each rank uses the total"), unlike Megatron's reduce-from-region."""
+
+    @staticmethod
+    def forward(ctx, x, parallel):
+        ctx.parallel = parallel
+        return comm.all_reduce(x.clone(), parallel.cp_group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return comm.all_reduce(grad.contiguous().clone(), ctx.parallel.cp_group), None
+
+
+def sum_over_context(x: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
+    """The sum of `x` over the CP ranks, on each of them (e.g. per-sequence values each rank filled in for
+    the tokens it holds). A loss computed from it is the same on every CP rank: count it once (divide by
+    cp) when losses are summed over CP ranks."""
+    if parallel.cp_size == 1:
+        return x
+    return _SumOverContext.apply(x, parallel)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from internlm2.constants import IGNORE_INDEX
 from internlm2.parallel import comm
 from internlm2.parallel.mappings import copy_to_region, gather_from_sequence
 from internlm2.parallel.state import ParallelState
@@ -139,7 +140,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 
 def vocab_parallel_linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, parallel: ParallelState, *,
-    ignore_index: int = -100, reduction: str = "mean", z_loss_weight: float = 0.0, chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX, reduction: str = "mean", z_loss_weight: float = 0.0, chunk_size: int | None = None,
     single_device: Callable | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` where `weight [V/tp, H]` is this rank's vocabulary shard.
@@ -187,7 +188,7 @@ class _VocabParallelCE(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, parallel: ParallelState, *,
-                                 ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+                                 ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of vocabulary-sharded logits [N, V/tp] (rank r holds chunk r) against labels [N].
 
     Equals `F.cross_entropy(full_logits, labels, ignore_index=..., reduction=...)` in float32 ("mean" over
@@ -199,3 +200,22 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, par
                          f"{tuple(logits.shape)} and {tuple(labels.shape)}")
     vocab_start = parallel.tp_rank * logits.shape[1]
     return _VocabParallelCE.apply(logits, labels, vocab_start, parallel.tp_group, int(ignore_index), reduction)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(hidden: torch.Tensor, weight: torch.Tensor, parallel: ParallelState,
+                           chunk_size: int | None = None) -> torch.Tensor:
+    """Entropy of softmax(hidden @ W.T) per token, float32 [T], where `weight [V/tp, H]` is this rank's
+    vocabulary shard and `hidden [T, H]` holds all tokens: H = lse - sum(p * z), with the max, the sum of
+    exponentials and the exp-weighted logit sum agreed over TP, chunked like the loss."""
+    group = parallel.tp_group
+    chunk_size = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, weight.shape[0]))
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        z = (hidden[start:start + chunk_size] @ weight.t()).float()
+        zmax = comm.all_reduce(z.max(dim=-1).values.contiguous(), group, "max")
+        exp = (z - zmax.unsqueeze(1)).exp()
+        stats = torch.stack([exp.sum(-1), (exp * z).sum(-1)])
+        comm.all_reduce(stats, group)
+        out[start:start + chunk_size] = stats[0].log() + zmax - stats[1] / stats[0]
+    return out

@@ -7,8 +7,10 @@ registration order (roughly the order backward produces them) up to `bucket_elem
 tensor-parallel (sharded) with TP-replicated parameters or parameter groups, so each bucket is reduced,
 counted in the norm and updated as one flat tensor.
 
-Reduction (`reduce_grads`), over the DP x CP ranks:
-- "ddp": all-reduce each bucket, divide by dp*cp; every rank updates everything (the reference mode).
+Reduction (`reduce_grads`) sums the gradients over the DP x CP ranks: each rank's backward already
+carries its share of the global objective (the caller divides its loss by the global normalizer, e.g. the
+batch's target tokens over all ranks, Megatron's per-token loss), so nothing is averaged here.
+- "ddp": all-reduce each bucket; every rank updates everything (the reference mode).
 - "zero1": reduce-scatter each bucket over the ZeRO group (`zero1_size` consecutive DP x CP ranks), then
   all-reduce the shard over the replica group when zero1_size < dp*cp (InternEvo's in-node `zero1`);
   each rank keeps the float32 master weights and AdamW moments of its shard only, updates them, and
@@ -202,9 +204,9 @@ class DistributedOptimizer:
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
-        """Averages gradients over DP x CP (all of each bucket in "ddp" mode, this rank's shard in
-        "zero1" mode) and sums TP-replicated ones over TP under sequence parallel (on the reduced shard:
-        replicated buckets have the same layout on every TP rank)."""
+        """Sums gradients over DP x CP (all of each bucket in "ddp" mode, this rank's shard in "zero1"
+        mode), and TP-replicated ones over TP under sequence parallel (on the reduced shard: replicated
+        buckets have the same layout on every TP rank)."""
         if self._reduced:
             return
         parallel = self.parallel
@@ -218,7 +220,6 @@ class DistributedOptimizer:
                 comm.all_reduce(bucket.shard_grad, parallel.zero_replica_group)
             if parallel.sequence_parallel and not bucket.tensor_parallel:
                 comm.all_reduce(bucket.shard_grad, parallel.tp_group)
-            bucket.shard_grad.div_(parallel.dp_cp_size)
             bucket.launched, bucket.ready = False, 0
         self._reduced = True
 
@@ -318,12 +319,6 @@ class DistributedOptimizer:
         full = torch.empty(bucket.padded, dtype=shard.dtype, device=shard.device)
         comm.all_gather_flat(full, shard.contiguous(), self.parallel.zero_group)
         return full
-
-    @torch.no_grad()
-    def reload_master_weights(self) -> None:
-        """Re-reads the float32 masters from the parameters (after loading weights into the model)."""
-        for bucket in self.buckets:
-            bucket.master.copy_(bucket.flat_params()[bucket.lo:bucket.hi])
 
     def remove_hooks(self) -> None:
         """Detaches the optimizer from its parameters (their gradients go back to `.grad`)."""

@@ -9,17 +9,20 @@ Execution. `run_pipeline(parallel, chunks, microbatches, forward_step)` runs thi
 (`pipeline_schedule.build_schedule`: gradient accumulation at pp=1, 1F1B, or interleaved 1F1B with
 virtual stages). `forward_step(chunk_index, module, inputs, microbatch)` runs one chunk on one
 micro-batch: `inputs` is None on global stage 0, else the activation received from the previous stage;
-it returns the activation to send on, or the micro-batch's loss (a scalar) on the last stage. Each loss is
-scaled by 1/num_microbatches before its backward, so gradients are those of the mean loss. `grad_sync`
-(the optimizer's) wraps each chunk's last backward so gradient reduction overlaps the rest; `timeline`
-records each action's compute span. `forward_only` runs the forwards alone (evaluation).
+it returns the activation to send on, or on the last stage the scalar to differentiate (the caller
+scales it: the schedule sums the micro-batches' gradients as they are). `grad_sync` (the optimizer's)
+wraps each chunk's last backward so gradient reduction overlaps the rest; `timeline` records each
+action's compute span. `forward_only` runs the forwards alone (evaluation, inference) in
+`forward_schedule`'s order, which takes any number of micro-batches.
 
 Messages. Activations travel on `parallel.pp_fwd_group`, gradients on `parallel.pp_bwd_group`: two
 communicators, so that on each (sender, receiver) channel messages arrive in the order they were sent,
 also at pp=2 where the same two ranks exchange both (Megatron-LM#750). Sends are asynchronous and receives
-block, so a schedule that `pipeline_schedule.simulate` completes cannot deadlock. Activations may change
-shape between micro-batches (packed rows): each is preceded by a small header with its shape and dtype;
-gradients have the shape of the activation they belong to.
+block, so a schedule that `pipeline_schedule.simulate` completes cannot deadlock. A sent tensor is kept
+alive only until its send completes (checked after every action), so a stage holds about as many
+activations as the schedule has in flight, not one per micro-batch. Activations may change shape between
+micro-batches (packed rows): each is preceded by a small header with its shape and dtype; gradients have
+the shape of the activation they belong to.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from internlm2.parallel import comm
-from internlm2.parallel.pipeline_schedule import Action, build_schedule
+from internlm2.parallel.pipeline_schedule import Action, build_schedule, forward_schedule
 from internlm2.parallel.state import ParallelConfig, ParallelState
 
 _HEADER_LEN = 8  # ndim, dtype code, up to 6 sizes
@@ -104,8 +107,8 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
                  timeline: list[TimedAction] | None = None,
                  grad_sync: Callable[[], AbstractContextManager] | None = None) -> list[torch.Tensor]:
     """Forward and backward of every micro-batch through this rank's chunks; gradients accumulate in the
-    parameters' `.grad`. Returns the (unscaled, detached) per-micro-batch losses on the rank holding the
-    last stage, [] elsewhere. With `timeline`, appends each action's compute span (waiting excluded).
+    parameters' `.grad`. Returns the (detached) per-micro-batch scalars of the last stage on the rank
+    holding it, [] elsewhere. With `timeline`, appends each action's compute span (waiting excluded).
     `grad_sync` (e.g. `DistributedOptimizer.grad_sync`) wraps each chunk's last backward, so gradient
     reduction can start while the remaining backwards run."""
     pp, v, m = parallel.pp_size, parallel.virtual_stages, len(microbatches)
@@ -130,7 +133,6 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
                     raise ValueError(f"forward_step on the last stage must return a scalar loss, got shape "
                                      f"{tuple(y.shape)}")
                 losses[action.microbatch] = y.detach()
-                y = y / m
             else:
                 _send_activation(y, parallel, pending)
             inputs[key], outputs[key] = x, y
@@ -146,8 +148,8 @@ def run_pipeline(parallel: ParallelState, chunks: list[nn.Module], microbatches:
                 pending.append((comm.isend(grad_x, parallel.prev_stage_rank, parallel.pp_bwd_group), grad_x))
         if timeline is not None:
             timeline.append(TimedAction(action, start, time.perf_counter()))
-    for work, _ in pending:
-        work.wait(parallel.timeout)
+        _release_completed(pending)
+    _wait_all(pending, parallel)
     return [losses[i] for i in sorted(losses)]
 
 
@@ -156,24 +158,33 @@ def forward_only(parallel: ParallelState, chunks: list[nn.Module], microbatches:
                  forward_step: Callable[[int, nn.Module, torch.Tensor | None, Any], torch.Tensor],
                  ) -> list[torch.Tensor]:
     """Forward of every micro-batch through the pipeline without gradients (evaluation), in the training
-    schedule's forward order. Returns the per-micro-batch outputs of the last stage (e.g. losses) on the
-    rank holding it, [] elsewhere."""
+    schedule's forward order. Returns the per-micro-batch outputs of the last stage (whatever
+    `forward_step` returns there: losses, tuples, dicts) on the rank holding it, [] elsewhere."""
     pp, v = parallel.pp_size, parallel.virtual_stages
     if len(chunks) != v:
         raise ValueError(f"forward_only: got {len(chunks)} model chunks, expected virtual_stages={v}")
     last_stage = pp * v - 1
     outputs: dict[int, torch.Tensor] = {}
     pending: list = []
-    for action in build_schedule(parallel.pp_rank, pp, v, len(microbatches)):
-        if action.kind != "F":
-            continue
+    for action in forward_schedule(parallel.pp_rank, pp, v, len(microbatches)):
         stage = action.chunk * pp + parallel.pp_rank
         x = None if stage == 0 else _recv_activation(parallel, requires_grad=False)
         y = forward_step(action.chunk, chunks[action.chunk], x, microbatches[action.microbatch])
         if stage == last_stage:
-            outputs[action.microbatch] = y.detach()
+            outputs[action.microbatch] = y
         else:
             _send_activation(y, parallel, pending)
+        _release_completed(pending)
+    _wait_all(pending, parallel)
+    return [outputs[i] for i in sorted(outputs)]
+
+
+def _release_completed(pending: list) -> None:
+    """Drops the sends that have completed, and with them the last reference to what they sent."""
+    pending[:] = [(work, tensor) for work, tensor in pending if not work.is_completed()]
+
+
+def _wait_all(pending: list, parallel: ParallelState) -> None:
     for work, _ in pending:
         work.wait(parallel.timeout)
-    return [outputs[i] for i in sorted(outputs)]
+    pending.clear()

@@ -62,6 +62,15 @@ def interleaved_one_f_one_b(pp_rank: int, pp: int, virtual_stages: int, num_micr
     return actions + bwd[total - warmup:]
 
 
+def forward_schedule(pp_rank: int, pp: int, virtual_stages: int, num_microbatches: int) -> list[Action]:
+    """This rank's forwards without backwards (evaluation, inference): every micro-batch through chunk 0,
+    then chunk 1, ... Nothing waits for a backward, so any number of micro-batches works with any number
+    of virtual stages, and the order is the training schedule's forward order at virtual_stages=1."""
+    if num_microbatches < 1:
+        raise ValueError(f"pipeline schedule: num_microbatches={num_microbatches} must be >= 1")
+    return [Action("F", chunk, i) for chunk in range(virtual_stages) for i in range(num_microbatches)]
+
+
 def build_schedule(pp_rank: int, pp: int, virtual_stages: int, num_microbatches: int) -> list[Action]:
     """This rank's actions: plain gradient accumulation (F0 B0 F1 B1 ...) at pp=1, 1F1B, or interleaved."""
     if num_microbatches < 1:
@@ -84,12 +93,12 @@ def simulate(pp: int, virtual_stages: int, num_microbatches: int, forward_time: 
     """Runs every rank's action list against the data dependencies (a forward needs the previous stage's
     forward of that micro-batch, a backward the next stage's backward) with zero-cost communication.
 
-    `forward_only` keeps only the forwards (evaluation). Raises RuntimeError if the lists deadlock.
+    `forward_only` runs `forward_schedule` (evaluation). Raises RuntimeError if the lists deadlock.
     Returns every action's time slot."""
     v = virtual_stages
     last_stage = pp * v - 1
-    lists = [[a for a in build_schedule(r, pp, v, num_microbatches) if not forward_only or a.kind == "F"]
-             for r in range(pp)]
+    schedule = forward_schedule if forward_only else build_schedule
+    lists = [schedule(r, pp, v, num_microbatches) for r in range(pp)]
     done: dict[tuple[str, int, int], float] = {}  # (kind, stage, microbatch) -> finish time
     clock = [0.0] * pp
     position = [0] * pp

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from internlm2.errors import ConfigError
+
 DIMS = ("pp", "dp", "cp", "tp")
 
 
@@ -59,47 +61,61 @@ class ParallelConfig:
     def validate(self, world_size: int | None = None, *, num_layers: int | None = None,
                  num_attention_heads: int | None = None, num_kv_heads: int | None = None,
                  vocab_size: int | None = None) -> None:
-        """Raises ValueError naming the offending sizes. Pure: touches no process group.
+        """Raises ConfigError naming every offending size at once. Pure: touches no process group.
 
         vocab_size is the padded vocabulary the embedding and output layers are built with.
         """
-        for name in ("tp", "pp", "dp", "cp", "virtual_stages"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"parallel layout: {name}={value!r} must be a positive integer")
+        bad = [f"{name}={getattr(self, name)!r} must be a positive integer"
+               for name in ("tp", "pp", "dp", "cp", "virtual_stages")
+               if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
+        if bad:
+            raise ConfigError("parallel layout: " + "; ".join(bad))
+        problems = []
         if world_size is not None and world_size != self.world_size:
-            raise ValueError(
-                f"parallel layout: world size {world_size} != tp*pp*dp*cp = "
-                f"{self.tp}*{self.pp}*{self.dp}*{self.cp} = {self.world_size}")
+            problems.append(f"world size {world_size} != tp*pp*dp*cp = {self.tp}*{self.pp}*{self.dp}*{self.cp} = "
+                            f"{self.world_size}")
         dp_cp = self.dp * self.cp
         if self.zero1_size is not None and (self.zero1_size < 1 or dp_cp % self.zero1_size):
-            raise ValueError(
-                f"parallel layout: zero1_size={self.zero1_size} must divide dp*cp = {self.dp}*{self.cp} = {dp_cp}")
+            problems.append(f"zero1_size={self.zero1_size} must divide dp*cp = {self.dp}*{self.cp} = {dp_cp}")
         if self.virtual_stages > 1 and self.pp == 1:
-            raise ValueError(f"parallel layout: virtual_stages={self.virtual_stages} needs pp > 1 (pp=1)")
-        if num_attention_heads is not None and num_attention_heads % self.tp:
-            raise ValueError(f"parallel layout: tp={self.tp} does not divide num_attention_heads={num_attention_heads}")
-        if num_kv_heads is not None and num_kv_heads % self.tp:
-            raise ValueError(f"parallel layout: tp={self.tp} does not divide num_kv_heads={num_kv_heads}")
-        if vocab_size is not None and vocab_size % self.tp:
-            raise ValueError(f"parallel layout: tp={self.tp} does not divide the padded vocab_size={vocab_size}")
+            problems.append(f"virtual_stages={self.virtual_stages} needs pp > 1 (pp=1)")
+        for what, value in (("num_attention_heads", num_attention_heads), ("num_kv_heads", num_kv_heads),
+                            ("the padded vocab_size", vocab_size)):
+            if value is not None and value % self.tp:
+                problems.append(f"tp={self.tp} does not divide {what}={value}")
+        problems += self._stage_problems(num_layers)
+        if problems:
+            raise ConfigError("parallel layout: " + "; ".join(problems))
+
+    def _stage_problems(self, num_layers: int | None) -> list[str]:
         stages = self.pp * self.virtual_stages
-        if self.stage_layout is not None:
-            if len(self.stage_layout) != stages:
-                raise ValueError(
-                    f"parallel layout: stage_layout has {len(self.stage_layout)} stages, expected "
-                    f"pp*virtual_stages = {self.pp}*{self.virtual_stages} = {stages}")
-            flat = [i for stage in self.stage_layout for i in stage]
-            if num_layers is not None and flat != list(range(num_layers)):
-                raise ValueError(
-                    f"parallel layout: stage_layout {self.stage_layout} must list layers 0..{num_layers - 1} "
-                    "once each, in order")
-            if flat != list(range(len(flat))):
-                raise ValueError(f"parallel layout: stage_layout {self.stage_layout} is not 0..n-1 in order")
-        elif num_layers is not None and num_layers % stages:
-            raise ValueError(
-                f"parallel layout: pp*virtual_stages = {self.pp}*{self.virtual_stages} = {stages} does not "
-                f"divide num_layers={num_layers}; give an explicit stage_layout")
+        if self.stage_layout is None:
+            if num_layers is not None and num_layers % stages:
+                return [f"pp*virtual_stages = {self.pp}*{self.virtual_stages} = {stages} does not divide "
+                        f"num_layers={num_layers}; give an explicit stage_layout"]
+            return []
+        if len(self.stage_layout) != stages:
+            return [f"stage_layout has {len(self.stage_layout)} stages, expected pp*virtual_stages = "
+                    f"{self.pp}*{self.virtual_stages} = {stages}"]
+        flat = [i for stage in self.stage_layout for i in stage]
+        if num_layers is not None and flat != list(range(num_layers)):
+            return [f"stage_layout {self.stage_layout} must list layers 0..{num_layers - 1} once each, in order"]
+        if flat != list(range(len(flat))):
+            return [f"stage_layout {self.stage_layout} is not 0..n-1 in order"]
+        return []
+
+    @classmethod
+    def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None,
+                  **choices) -> "ParallelConfig":
+        """The layout with `dp` defaulting to what tp*pp*cp leaves of `world_size`; ConfigError when they do
+        not divide it (the cause, not a dp of 0)."""
+        model_parallel = tp * pp * cp
+        if dp is None:
+            if model_parallel < 1 or world_size % model_parallel:
+                raise ConfigError(f"parallel layout: tp*pp*cp = {tp}*{pp}*{cp} = {model_parallel} does not divide "
+                                  f"the world size {world_size}")
+            dp = world_size // model_parallel
+        return cls(tp=tp, pp=pp, dp=dp, cp=cp, **choices)
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> None:
@@ -126,7 +142,7 @@ class ParallelState:
     """This rank's place in the (pp, dp, cp, tp) grid and the process groups of each dimension.
 
     Sizes and ranks: `tp_size`, `tp_rank`, `pp_size`, `pp_rank`, `dp_size`, `dp_rank`, `cp_size`, `cp_rank`.
-    Groups: `tp_group`, `pp_group`, `dp_group`, `cp_group`, `dp_cp_group` (gradient reduction),
+    Groups: `world_group` (every rank), `tp_group`, `pp_group`, `dp_group`, `cp_group`, `dp_cp_group` (gradient reduction),
     `zero_group` / `zero_replica_group` (ZeRO-1 sharding), `pp_fwd_group` / `pp_bwd_group` (activations /
     gradients between stages). A group is None in the single-process state.
     """
@@ -153,6 +169,7 @@ class ParallelState:
         self.mesh = init_device_mesh(
             self.device_type, tuple(self.grid.shape), mesh_dim_names=DIMS)
         self.pp_group, self.dp_group, self.cp_group, self.tp_group = (self.mesh.get_group(d) for d in DIMS)
+        self.world_group = dist.group.WORLD
         if timeout is not None:  # the mesh's groups inherit the default group's timeout unless told otherwise
             for group in (self.pp_group, self.dp_group, self.cp_group, self.tp_group):
                 dist.set_timeout(timeout, group)
@@ -193,7 +210,7 @@ class ParallelState:
         self.coordinate = (0, 0, 0, 0)
         self.mesh = None
         self.timeout = None
-        for name in ("pp", "dp", "cp", "tp", "dp_cp", "zero", "zero_replica", "pp_fwd", "pp_bwd"):
+        for name in ("world", "pp", "dp", "cp", "tp", "dp_cp", "zero", "zero_replica", "pp_fwd", "pp_bwd"):
             setattr(self, f"{name}_group", None)
         return self
 

@@ -16,11 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from internlm2.errors import CheckpointError
+
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
-class CheckpointError(RuntimeError):
-    pass
 
 
 class CheckpointDirectory:

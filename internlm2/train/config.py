@@ -48,6 +48,9 @@ class DataConfig:
     def validate(self):
         if self.builtin is None and (self.tokenizer is None or not self.train):
             raise ConfigError("tokenizer/train: give a tokenizer and at least one train dataset, or `builtin: {}`")
+        if self.builtin is not None and (self.tokenizer is not None or self.train or self.eval is not None):
+            raise ConfigError("builtin: the demo data makes its own tokenizer and datasets; drop builtin to give "
+                              "tokenizer/train/eval")
 
 
 @dataclass
@@ -121,8 +124,15 @@ class GuardConfig:
 
 @dataclass
 class EvalConfig:
+    """The held-out loss: the first `rows` packed rows of the eval set at each stage's sequence length,
+    the same rows whatever the parallel layout (a resumed run with another dp continues the same curve)."""
+
     every: int = 50  # optimizer steps between held-out evaluations (0: never)
-    batches: int = 8
+    rows: int = 32
+
+    def validate(self):
+        if self.every < 0 or self.rows < 1:
+            raise ConfigError(f"every/rows: need every >= 0 and rows >= 1, got {self.every}, {self.rows}")
 
 
 @dataclass

@@ -94,14 +94,14 @@ def micro_batches(dataset: Dataset, stage: StageConfig, *, seed: int, dp_rank: i
     return iter(loader)
 
 
-def eval_batches(dataset: Dataset, micro_batch_size: int, batches: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
-    """The first `batches` global eval batches in order (no shuffling), this DP rank's share of each."""
-    rows = len(dataset)
-    for b in range(batches):
-        start = (b * dp_size + dp_rank) * micro_batch_size
-        if start + micro_batch_size > rows:
-            return
-        yield collate_packed([dataset[i] for i in range(start, start + micro_batch_size)])
+def eval_batches(dataset: Dataset, micro_batch_size: int, rows: int, dp_rank: int, dp_size: int) -> list[dict]:
+    """The held-out set's first `rows` rows in order (no shuffling), as micro-batches of `micro_batch_size`
+    rows (the last one may be shorter), micro-batch j on DP rank j % dp_size: the same rows whatever the
+    layout."""
+    rows = min(rows, len(dataset))
+    starts = list(range(0, rows, micro_batch_size))[dp_rank::dp_size]
+    return [collate_packed([dataset[i] for i in range(start, min(start + micro_batch_size, rows))])
+            for start in starts]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -20,6 +20,8 @@ import os
 import signal
 from pathlib import Path
 
+from internlm2.errors import UserError
+
 PG_TIMEOUT_ENV = "INTERNLM2_PG_TIMEOUT_S"
 STOP_SIGNALS_ENV = "INTERNLM2_STOP_SIGNALS"
 STOPPED_FILE_ENV = "INTERNLM2_STOPPED_FILE"
@@ -34,9 +36,9 @@ def pg_timeout_s(default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{PG_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+        raise UserError(f"{PG_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{PG_TIMEOUT_ENV} must be a positive, finite number of seconds, got {raw!r}")
+        raise UserError(f"{PG_TIMEOUT_ENV} must be a positive, finite number of seconds, got {raw!r}")
     return value
 
 
@@ -47,7 +49,7 @@ def stop_signals() -> list[signal.Signals]:
     for name in (n.strip().upper() for n in raw.split(",") if n.strip()):
         name = name if name.startswith("SIG") else "SIG" + name
         if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
-            raise ValueError(f"{STOP_SIGNALS_ENV}={raw!r}: {name} is not a signal a process can catch")
+            raise UserError(f"{STOP_SIGNALS_ENV}={raw!r}: {name} is not a signal a process can catch")
         found.append(signal.Signals[name])
     return found
 

@@ -8,7 +8,6 @@ config.yaml and, at the end, an HF export (hf/), a generated sample (sample.txt)
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -23,10 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def finish(trainer) -> None:
-    """Rank 0, after training: HF export, a sample from the exported model, plots, the learning summary."""
+    """Rank 0, after the process group is gone: HF export of the final (verified) checkpoint, a sample
+    from the exported model, plots, the learning summary."""
     from internlm2.data import Tokenizer
-    from internlm2.model import InternLM2ForCausalLM
     from internlm2.model.generation import SamplingParams, generate
+    from internlm2.model.pretrained import load_pretrained
     from internlm2.train.data_setup import unigram_entropy
     from internlm2.train.export import export_hf
     from internlm2.train.metrics_log import read_metrics
@@ -36,11 +36,10 @@ def finish(trainer) -> None:
     final = trainer.checkpoints.latest()
     hf_dir = run_dir / "hf"
     if cfg.checkpoint.export_hf and final is not None:
-        export_hf(final, hf_dir, tokenizer_directory=trainer.data.tokenizer,
-                  dtype=torch.float32, overwrite=True)
+        export_hf(final, hf_dir, tokenizer_directory=trainer.data.tokenizer, dtype=torch.float32, overwrite=True)
         print(f"exported {final.name} to {hf_dir}")
     if cfg.sample is not None and (hf_dir / "config.json").is_file():
-        model = InternLM2ForCausalLM.from_pretrained(hf_dir)
+        model = load_pretrained(hf_dir)
         tokenizer = Tokenizer.load(trainer.data.tokenizer)
         prompt = tokenizer.encode(cfg.sample.prompt, bos=True)
         s = cfg.sample
@@ -68,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer.run()
     except StoppedEarly as stop:  # a scheduler or a user asked; the checkpoint is saved: no export yet
+        trainer.runtime.close()
         if trainer.rank == 0:
             print(f"internlm2 pretrain: {stop}", flush=True)
         return 0
-    trainer.barrier()
+    trainer.runtime.close()
     if trainer.rank == 0:
         finish(trainer)
     return 0

@@ -3,9 +3,11 @@
 The single-process reference is independent of `internlm2.parallel`'s training code: one full model,
 `torch.optim.AdamW`, `torch.nn.utils.clip_grad_norm_`, gradient accumulation over the same micro-batches.
 The distributed run builds this rank's pipeline chunks with `local_stages`, loads their shards of the same
-initial weights, runs `run_pipeline` and steps `DistributedOptimizer`. Both report per-step losses (mean
-over micro-batches), the gradient norm of each step, the gradients of step 1 and the final weights (full
-tensors, by HF name).
+initial weights, runs `run_pipeline` and steps `DistributedOptimizer`, with the engine's contract: each
+rank differentiates its loss share divided by the step's global normalizer (here the number of
+micro-batches of the whole step), and the optimizer sums gradients over DP x CP. Both report per-step
+losses (mean over micro-batches), the gradient norm of each step, the gradients of step 1 and the final
+weights (full tensors, by HF name).
 """
 
 from __future__ import annotations
@@ -59,17 +61,18 @@ def initial_weights(config) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def stage_loss(stage: InternLM2ForCausalLM, hidden: torch.Tensor | None, mb: Microbatch) -> torch.Tensor:
-    """One model chunk on one micro-batch: the loss on the chunk with the head, else its hidden states.
+def stage_loss(stage: InternLM2ForCausalLM, hidden: torch.Tensor | None, mb: Microbatch,
+               normalizer: int = 1) -> torch.Tensor:
+    """One model chunk on one micro-batch: on the chunk with the head, this rank's part of the row's mean
+    token loss divided by `normalizer`, else its hidden states.
 
-    The loss is the row's mean token loss. Under context parallelism each CP rank holds a share of the
-    tokens (ignored positions unevenly spread), so it returns cp x (its loss sum) / (the row's target
-    count): gradients averaged over DP x CP then equal the whole row's mean."""
+    Under context parallelism each CP rank holds a share of the row's tokens (ignored positions unevenly
+    spread), so its part is (its loss sum) / (the row's target count): the parts add up over CP ranks."""
     inputs = {"input_ids": mb.input_ids} if hidden is None else {"hidden_states": hidden}
     if not stage.with_head:
         return stage(**inputs, cu_seqlens=mb.cu_seqlens).hidden_states
     loss_sum = stage(**inputs, cu_seqlens=mb.cu_seqlens, labels=mb.labels, loss_reduction="sum").loss
-    return loss_sum * (stage.parallel.cp_size / (mb.labels != -100).sum())
+    return loss_sum / (mb.labels != -100).sum() / normalizer
 
 
 def reference_run(steps: int = STEPS) -> dict:
@@ -143,12 +146,12 @@ def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = ST
         mbs = microbatches(step, model_config.vocab_size)
         per_rank = len(mbs) // parallel.dp_size
         mine = mbs[parallel.dp_rank * per_rank:(parallel.dp_rank + 1) * per_rank]
-        losses = run_pipeline(parallel, chunks, mine, lambda c, m, x, mb: stage_loss(m, x, mb),
+        losses = run_pipeline(parallel, chunks, mine, lambda c, m, x, mb: stage_loss(m, x, mb, len(mbs)),
                               grad_sync=opt.grad_sync if overlap else None)
         if overlap and comm.group_size(parallel.dp_cp_group) > 1:  # every bucket started inside backward
             assert opt.launched_in_backward == len(opt.buckets), (opt.launched_in_backward, len(opt.buckets))
-        if losses:
-            result["losses"].append(torch.stack(losses).mean().item())
+        if losses:  # this rank's part of the step's mean loss
+            result["losses"].append(torch.stack(losses).sum().item())
         if step == 0:
             result["grads"] = _full(opt.full_grads(), chunks, parallel)
         result["norms"].append(opt.step(MAX_GRAD_NORM).item())
@@ -170,17 +173,17 @@ def distributed_run(config: ParallelConfig, mode: str = "zero1", steps: int = ST
 
 
 def merge_ranks(results: list[dict]) -> dict:
-    """Per-step losses averaged over DP (from last-stage ranks), norms (identical on all ranks: take
-    rank 0's after checking), gradients and weights merged over pipeline stages."""
-    loss_ranks = [r["losses"] for r in results if r["losses"]]
+    """Per-step losses summed over the last-stage ranks' parts (DP and CP; TP ranks hold copies: TP rank
+    0's), norms (identical on all ranks: take rank 0's after checking), gradients and weights merged
+    over pipeline stages."""
+    parts = [r for r in results if r["losses"] and r["coordinate"][3] == 0]
     steps = len(results[0]["norms"])
-    by_dp: dict[int, list] = {}  # DP rank -> eval losses of its last-stage ranks (TP copies, CP shares)
-    for r in results:
-        if r["eval_losses"]:
-            by_dp.setdefault(r["coordinate"][1], []).append(torch.tensor(r["eval_losses"]))
-    eval_ranks = {d: torch.stack(v).mean(0).tolist() for d, v in by_dp.items()}
+    by_dp: dict[int, list] = {}  # DP rank -> eval losses of its last-stage ranks (CP shares)
+    for r in parts:
+        by_dp.setdefault(r["coordinate"][1], []).append(torch.tensor(r["eval_losses"]))
+    eval_ranks = {d: torch.stack(v).sum(0).tolist() for d, v in by_dp.items()}
     merged = {
-        "losses": [sum(r[s] for r in loss_ranks) / len(loss_ranks) for s in range(steps)],
+        "losses": [sum(r["losses"][s] for r in parts) for s in range(steps)],
         "eval_losses": [x for d in sorted(eval_ranks) for x in eval_ranks[d]],
         "norms": results[0]["norms"],
         "all_norms": [r["norms"] for r in results],

@@ -24,7 +24,6 @@ SCRIPTS = ROOT / "scripts" / "slurm"
 PG_TIMEOUT_S = 60
 JOB_ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "INTERNLM2_NPROC_PER_NODE": "1",
            "INTERNLM2_SINGLE_HOST_CLUSTER": "1", "INTERNLM2_PG_TIMEOUT_S": str(PG_TIMEOUT_S)}
-# The HF export at the end of a multi-rank run is issue 12's defect 10; these runs end without one.
 TWO_RANKS = {"parallel": {"dp": 2}, "checkpoint.every": 1000}
 JOB_TIMEOUT_S = 600
 
@@ -160,3 +159,35 @@ def test_a_one_node_job_may_meet_on_loopback_without_the_opt_in(slurm_cluster, d
     assert result.state == "COMPLETED", result.output[-5000:]
     assert "master         node1 -> 127.0.0.1" in result.output and sorted(losses(config.parent / "run")) == [1, 2, 3]
     assert "INTERNLM2_PG_TIMEOUT_S=1800" in result.output  # the script's default
+
+
+def test_a_cancelled_job_saves_a_checkpoint_and_is_not_requeued(slurm_cluster, data_dir, tmp_path):
+    """scancel (as preemption and the time limit itself) sends SIGTERM to every process of the job and
+    SIGKILL after KillWait: the ranks save in between, and the script leaves requeueing to the scheduler."""
+    config = _config(data_dir, tmp_path / "cancelled", **TWO_RANKS, **LONG)
+    run_dir = config.parent / "run"
+    job = submit(slurm_cluster, "pretrain.sbatch", config, nodes=2)
+    job.wait_until(lambda j: _logged_step(run_dir, 3), JOB_TIMEOUT_S, "at step 3")
+    slurm_cluster.run(["scancel", job.id])
+    result = job.wait(JOB_TIMEOUT_S)
+    assert result.state == "CANCELLED" and result.restarts == 0, result.output[-5000:]
+    stop = re.search(r"stopped on SIGTERM at step (\d+), after saving its checkpoint", result.output)
+    assert stop, result.output[-5000:]
+    step = int(stop.group(1))
+    assert f"the trainer saved step {step} and stopped on SIGTERM" in result.output and "not requeued" in result.output
+    assert (run_dir / "checkpoints" / f"step_{step:08d}").is_dir() and max(losses(run_dir)) == step
+
+
+def test_a_signal_for_the_batch_shell_reaches_the_ranks(slurm_cluster, data_dir, tmp_path):
+    """`--signal=B:USR1@120` signals only the batch shell (as `scancel --batch` does): it passes it on."""
+    config = _config(data_dir, tmp_path / "batch signal", **TWO_RANKS, **LONG)
+    run_dir = config.parent / "run"
+    job = submit(slurm_cluster, "pretrain.sbatch", config, nodes=2)
+    job.wait_until(lambda j: _logged_step(run_dir, 3), JOB_TIMEOUT_S, "at step 3")
+    slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job.id])
+    job.wait_until(lambda j: int(j.info().get("Restarts", 0)) >= 1, 120, "requeued")
+    slurm_cluster.run(["scancel", job.id])  # the requeued job's run is the other test's subject
+    output = job.output()
+    stop = re.search(r"stopped on SIGUSR1 at step (\d+), after saving its checkpoint", output)
+    assert stop, output[-5000:]
+    assert f"the trainer saved step {stop.group(1)} and stopped on SIGUSR1: requeueing job {job.id}" in output

@@ -17,7 +17,7 @@ from internlm2.train.preemption import StopSignals
 from tests.train.tiny_run import ROOT, losses, make_data, pretrain_command, run_pretrain, tiny_config, write_config
 
 # Long enough for a signal sent at step 3 to arrive well before the end.
-STEPS = {"stages.0.steps": 16, "stages.1.steps": 4, "checkpoint.every": 100}
+STEPS = {"stages.0.steps": 16, "stages.1.steps": 4, "checkpoint.every": 100, "checkpoint.export_hf": True}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,7 @@ def reference_losses(data_dir, tmp_path_factory):
 
 
 def _layout(nproc: int) -> dict:
-    # The HF export at the end of a multi-rank run is issue 12's defect 10: one process exports here.
-    return {"parallel": {"dp": 2}} if nproc == 2 else {"checkpoint.export_hf": True}
+    return {"parallel": {"dp": 2}} if nproc == 2 else {}
 
 
 def _logged_step(run_dir: Path, step: int) -> bool:
@@ -110,7 +109,7 @@ def test_stop_signal_saves_exits_and_resume_is_bitwise_identical(data_dir, refer
     resumed = run_pretrain(config, nproc=nproc)
     assert f"resumed from {run_dir / 'checkpoints' / checkpoints[-1]} at step {step}" in resumed.stdout
     assert losses(run_dir) == reference_losses(nproc)  # every step, exactly
-    assert (run_dir / "metrics.png").is_file()
+    assert (run_dir / "hf" / "config.json").is_file() and (run_dir / "metrics.png").is_file()
 
 
 def test_no_signal_no_stop_and_handlers_are_restored():

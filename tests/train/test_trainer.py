@@ -71,10 +71,10 @@ def test_crash_during_save_keeps_the_previous_checkpoint(data_dir, tmp_path, mon
     cfg = from_dict(TrainConfig, tiny_config(data_dir, tmp_path / "run", **{"stages.0.steps": 8, "stages.1.steps": 1}))
     real_save = ckpt.save
 
-    def crash_at_step_8(directory, trainer):
-        real_save(directory, trainer)  # everything written...
-        if trainer.state.step == 8:
-            (directory / "trainer_state.json").write_text("{half")  # ...then a torn write and a crash
+    def crash_at_step_8(directory, units, loop, run_config, parallel):
+        real_save(directory, units, loop, run_config, parallel)  # everything written...
+        if loop["trainer"]["step"] == 8:
+            (directory / "state.json").write_text("{half")  # ...then a torn write and a crash
             raise OSError("injected: disk went away")
 
     monkeypatch.setattr(ckpt, "save", crash_at_step_8)
@@ -103,7 +103,7 @@ def test_resume_refuses_a_checkpoint_from_a_different_curriculum(data_dir, tmp_p
     cfg = tiny_config(data_dir, tmp_path / "run", **{"stages.0.steps": 4, "stages.1.steps": 1})
     Trainer(from_dict(TrainConfig, cfg)).run()
     cfg["stages"][0]["name"] = "renamed"
-    with pytest.raises(ValueError, match="saved with stages"):
+    with pytest.raises(CheckpointError, match="saved with stages"):
         Trainer(from_dict(TrainConfig, cfg)).run()
 
 
@@ -112,9 +112,9 @@ def test_layout_independent_initialisation(data_dir, tmp_path):
     cfg = from_dict(TrainConfig, tiny_config(data_dir, tmp_path / "run"))
     a = Trainer(cfg)
     b = Trainer(cfg)
-    for (na, pa), (nb, pb) in zip(a.chunks[0].named_parameters(), b.chunks[0].named_parameters()):
+    for (na, pa), (nb, pb) in zip(a.engine.named_parameters().items(), b.engine.named_parameters().items()):
         assert na == nb and torch.equal(pa, pb)
-    wqkv = dict(a.chunks[0].named_parameters())["model.layers.0.attention.wqkv.weight"]
+    wqkv = a.engine.named_parameters()["model.layers.0.attention.wqkv.weight"]
     assert abs(wqkv.std().item() - 0.02) < 0.002
 
 
@@ -125,7 +125,7 @@ def test_activation_recompute_trains_identically(data_dir, tmp_path, mode):
     plain.run()
     recomputed = Trainer(from_dict(TrainConfig, tiny_config(data_dir, tmp_path / mode, recompute=mode, **overrides)))
     recomputed.run()
-    a, b = plain.chunks[0].state_dict(), recomputed.chunks[0].state_dict()
+    a, b = plain.engine.chunks[0].state_dict(), recomputed.engine.chunks[0].state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
 
@@ -133,18 +133,18 @@ def test_activation_recompute_trains_identically(data_dir, tmp_path, mode):
 def test_nonfinite_steps_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypatch):
     cfg = from_dict(TrainConfig, tiny_config(data_dir, tmp_path / "run", **{"guards.max_nonfinite_in_a_row": 2}))
     trainer = Trainer(cfg)
-    real_forward = Trainer._stage_forward
+    real_loss = trainer.task.loss
     poisoned = {2, 4, 5}  # step 2 alone is skipped; 4 and 5 in a row stop the run
 
-    def forward(module, hidden, mb, loss_scale=1.0):
-        out = real_forward(module, hidden, mb, loss_scale)
-        return out * float("nan") if module.with_head and trainer.state.step + 1 in poisoned else out
+    def loss(out, mb):
+        value, metrics = real_loss(out, mb)
+        return (value * float("nan") if trainer.state.step + 1 in poisoned else value), metrics
 
-    monkeypatch.setattr(trainer, "_stage_forward", forward)
-    before = {n: p.detach().clone() for n, p in trainer.chunks[0].named_parameters()}
+    monkeypatch.setattr(trainer.task, "loss", loss)
+    before = {n: p.detach().clone() for n, p in trainer.engine.named_parameters().items()}
     with pytest.raises(TrainingStopped, match=r"step 5 \(stage short\): 2 steps in a row had a non-finite loss"):
         trainer.run()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     skipped = [r["step"] for r in records if r.get("skipped")]
     assert skipped == [2, 4, 5] and trainer.state.skipped_steps == 3
-    assert any(not torch.equal(p, before[n]) for n, p in trainer.chunks[0].named_parameters())  # steps 1, 3 applied
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.engine.named_parameters().items())  # steps 1, 3

@@ -42,7 +42,7 @@ def tiny_config(data_dir: Path, run_dir: Path, **overrides) -> dict:
         ],
         "optim": {"lr": 3.0e-3, "warmup_steps": 2},
         "checkpoint": {"every": 4, "keep": 10, "export_hf": False},
-        "eval": {"every": 5, "batches": 2},
+        "eval": {"every": 5, "rows": 4},
         "logging": {"tensorboard": False, "progress": False},
     }
     for key, value in overrides.items():
