@@ -81,11 +81,10 @@ def _run_and_signal(config: Path, run_dir: Path, nproc: int, target, sig, stoppe
     "nproc, target, sig",
     [
         (1, lambda proc: proc.pid, signal.SIGUSR1),
-        (1, lambda proc: proc.pid, signal.SIGTERM),
         (2, lambda proc: proc.pid, signal.SIGTERM),  # torchrun passes it to every rank
         (2, lambda proc: _rank_pids(proc.pid)[1], signal.SIGUSR1),  # one rank only: the other follows
     ],
-    ids=["1-process-usr1", "1-process-term", "torchrun-term", "torchrun-usr1-to-rank-1"],
+    ids=["1-process-usr1", "torchrun-term", "torchrun-usr1-to-rank-1"],
 )
 def test_stop_signal_saves_exits_and_resume_is_bitwise_identical(data_dir, reference_losses, tmp_path, nproc, target,
                                                                    sig):
