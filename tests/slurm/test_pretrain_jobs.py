@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -82,19 +83,27 @@ def _seconds(slurm_time: str) -> int:
     return seconds + 86400 * int(days or 0)
 
 
+def _shorten_the_time_limit_then_let_it_run(cluster: LocalSlurmCluster, job: Job, run_dir: Path) -> None:
+    """Once the job trains, cuts its limit to under 300 s from now, so slurm's next time-limit check (every
+    30 s) sends --signal's SIGUSR1; once it is requeued, gives it 30 minutes again."""
+    job.wait_until(lambda j: _logged_step(run_dir, 1), JOB_TIMEOUT_S, "at step 1")  # the ranks catch signals
+    minutes = (_seconds(job.info()["RunTime"]) + 300) // 60  # now at most 300 s are left: the warning is due
+    cluster.run(["scontrol", "update", f"JobId={job.id}", f"TimeLimit={minutes}"])
+    job.wait_until(lambda j: int(j.info().get("Restarts", 0)) >= 1, 120, "requeued")
+    cluster.run(["scontrol", "update", f"JobId={job.id}", "TimeLimit=30"])  # the rest runs to its end
+
+
 def test_job_near_its_time_limit_saves_requeues_and_resumes_bit_for_bit(slurm_cluster, data_dir, tmp_path):
     reference = _config(data_dir, tmp_path / "reference", **TWO_RANKS, **LONG)
-    run_pretrain(reference, nproc=2)  # the same run on this host, uninterrupted
     config = _config(data_dir, tmp_path / "requeued", **TWO_RANKS, **LONG)
     run_dir = config.parent / "run"
     # SIGUSR1 when 5 minutes are left: not before the test shortens the limit, once training is under way.
     job = submit(slurm_cluster, "pretrain.sbatch", config, nodes=2, options=["--time=30", "--signal=USR1@300"])
-    job.wait_until(lambda j: _logged_step(run_dir, 1), JOB_TIMEOUT_S, "at step 1")  # the ranks catch signals
-    minutes = (_seconds(job.info()["RunTime"]) + 300) // 60  # now at most 300 s are left: the warning is due
-    slurm_cluster.run(["scontrol", "update", f"JobId={job.id}", f"TimeLimit={minutes}"])
-    job.wait_until(lambda j: int(j.info().get("Restarts", 0)) >= 1, 120, "requeued")
-    slurm_cluster.run(["scontrol", "update", f"JobId={job.id}", "TimeLimit=30"])  # the rest runs to its end
-    result = job.wait(JOB_TIMEOUT_S)
+    with ThreadPoolExecutor(1) as pool:  # meanwhile, the same run on this host, uninterrupted
+        uninterrupted = pool.submit(run_pretrain, reference, nproc=2)
+        _shorten_the_time_limit_then_let_it_run(slurm_cluster, job, run_dir)
+        result = job.wait(JOB_TIMEOUT_S)
+        uninterrupted.result()
 
     assert result.state == "COMPLETED" and result.restarts == 1, result.output[-5000:]
     stop = re.search(r"internlm2 pretrain: stopped on SIGUSR1 at step (\d+), after saving its checkpoint",
