@@ -2,7 +2,9 @@
 
 Knobs (environment variables):
   INTERNLM2_SKIP_CUDA=1     build the CPU kernels only
-  INTERNLM2_CUDA_ARCHS      CUDA architectures, default "80;90a" (*_sm90.cu files only for 90a)
+  INTERNLM2_CUDA_ARCHS      CUDA architectures to build, e.g. "80;90a" (*_sm90.cu files only for 90a). Unset:
+                            CUDA kernels only when a GPU is visible, for its architecture (see
+                            internlm2/_build_plan.py, which also prints the plan: python internlm2/_build_plan.py)
   MAX_JOBS                  parallel compile jobs (default: CPU count)
   NVCC_THREADS              threads per nvcc invocation (default 1)
   CUTLASS_PATH              a CUTLASS checkout/install whose include/ holds cutlass/ and cute/
@@ -29,16 +31,16 @@ def _env_flag(name: str, default: bool = False) -> bool:
     return os.environ.get(name, "1" if default else "0").lower() in ("1", "true", "yes", "on")
 
 
-def _find_cuda_home() -> Path | None:
-    """The toolkit to build with. Decided by nvcc on disk, never by torch.cuda.is_available()."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-    for c in candidates:
-        if c and (Path(c) / "bin" / "nvcc").exists():
-            return Path(c)
-    return None
+def _load_build_plan():
+    # By path: importing the package would try to load the extension this build is about to make.
+    spec = importlib.util.spec_from_file_location("internlm2_build_plan", ROOT / "internlm2" / "_build_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+build_plan = _load_build_plan()
 
 
 def _find_cutlass_include() -> Path | None:
@@ -84,13 +86,11 @@ class CMakeBuild(build_ext):
         build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
 
-        skip_cuda = _env_flag("INTERNLM2_SKIP_CUDA")
-        cuda_home = _find_cuda_home()
-        with_cuda = not skip_cuda and cuda_home is not None and torch.version.cuda is not None
-        if not skip_cuda and not with_cuda:
-            why = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found"
-            print(f"internlm2: building CPU kernels only ({why}); set CUDA_HOME to build CUDA kernels")
-        archs = os.environ.get("INTERNLM2_CUDA_ARCHS", "80;90a")
+        cuda_home = build_plan.find_cuda_home()
+        plan = build_plan.decide(os.environ, torch.version.cuda, cuda_home, build_plan.find_visible_gpu())
+        with_cuda, archs = plan.with_cuda, plan.cuda_archs
+        jobs = build_plan.compile_jobs()
+        print(plan.describe(jobs, os.cpu_count() or 1), flush=True)
 
         args = [
             f"-DCMAKE_BUILD_TYPE={os.environ.get('INTERNLM2_BUILD_TYPE', 'Release')}",
@@ -130,10 +130,9 @@ class CMakeBuild(build_ext):
         if cuda_home is not None:
             env["CUDA_HOME"] = str(cuda_home)
 
-        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, env=env, check=True)
         subprocess.run(
-            ["cmake", "--build", ".", "--target", "_C", "-j", jobs], cwd=build_dir, env=env, check=True
+            ["cmake", "--build", ".", "--target", "_C", "-j", str(jobs)], cwd=build_dir, env=env, check=True
         )
         # Recorded beside the extension so `import internlm2` can say which torch it was built for even
         # when the shared library cannot be loaded at all (undefined symbols from another torch).
@@ -141,7 +140,8 @@ class CMakeBuild(build_ext):
             "torch": torch.__version__,
             "torch_cuda": torch.version.cuda,
             "cuda_kernels": with_cuda,
-            "cuda_archs": archs if with_cuda else "",
+            "cuda_archs": archs,
+            "cuda_plan": plan.reason,
             "python": sys.version.split()[0],
         }
         (ext_path.parent / BUILD_META).write_text(json.dumps(meta, indent=1) + "\n")

@@ -8,17 +8,17 @@ import platform
 import torch
 
 import internlm2
-from internlm2._extension import read_build_meta
+from internlm2._extension import cpu_only_build_reason, read_build_meta
 
 _BACKENDS = ("CPU", "CUDA")
 
 
 def registered_ops() -> dict[str, list[str]]:
-    """`internlm2::op` -> backends with a kernel registered in this process (a GPU is not needed)."""
+    """`internlm2::op` -> backends with a kernel registered in this process (a GPU is not needed). In a
+    build without CUDA kernels the CUDA entry is the guard that says how to rebuild: not listed."""
     names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("internlm2::"))
-    return {
-        name: [b for b in _BACKENDS if torch._C._dispatch_has_kernel_for_dispatch_key(name, b)] for name in names
-    }
+    backends = _BACKENDS if internlm2._C.with_cuda else ("CPU",)
+    return {name: [b for b in backends if torch._C._dispatch_has_kernel_for_dispatch_key(name, b)] for name in names}
 
 
 def collect() -> dict:
@@ -51,7 +51,8 @@ def format_report(info: dict) -> str:
         f"torch          {info['torch']} (CUDA {info['torch_cuda'] or 'none'})",
         f"extension      built for torch {ext['built_for_torch']}; CPU kernels use {ext['cpu_isa']}",
         "CUDA kernels   "
-        + (f"CUDA {ext['cuda_version']}, archs {ext['cuda_archs']}" if ext["cuda_kernels"] else "not built"),
+        + (f"CUDA {ext['cuda_version']}, archs {ext['cuda_archs']}" if ext["cuda_kernels"]
+           else f"not built ({cpu_only_build_reason()})"),
         f"GPUs seen      {', '.join(info['gpus']) or 'none'}",
         "ops:",
     ]

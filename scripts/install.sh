@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs internlm2 from this checkout: torch (unless one is installed), the build tools, the CUTLASS
-# headers, then the package itself built against the installed torch. `--test` adds the test dependencies.
+# headers, then the package itself (with everything `internlm2 pretrain` uses) built against the installed
+# torch. `--test` adds the test dependencies. Before building it prints what it builds and about how long.
 #
 #   ./scripts/install.sh [--test]
 #
-# Environment: CUDA_HOME (default /usr/local/cuda when it has nvcc), INTERNLM2_SKIP_CUDA=1 for CPU kernels
-# only, INTERNLM2_CUDA_ARCHS (default "80;90a"), MAX_JOBS. See README "Building for GPUs".
+# Environment: CUDA_HOME (default /usr/local/cuda when it has nvcc); INTERNLM2_CUDA_ARCHS, the CUDA
+# architectures (unset: CUDA kernels only when a GPU is visible, for that GPU); INTERNLM2_SKIP_CUDA=1 for CPU
+# kernels only; MAX_JOBS; PIP_VERBOSE=1 shows the compiler's progress. See README "Building for GPUs".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,6 +22,9 @@ $PY -m pip install --quiet --no-deps "nvidia-cutlass==4.2.0.0"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
+# pip shows nothing of the build but a spinner: say what is built first.
+$PY internlm2/_build_plan.py
+[ -n "${PIP_VERBOSE:-}" ] || echo "internlm2: (PIP_VERBOSE=1 ./scripts/install.sh shows the compiler's progress)"
 # --no-build-isolation: the extension must be compiled against the torch that will import it.
 $PY -m pip install --no-build-isolation -e ".$extras"
 # pyenv only sees new console scripts (`internlm2`) after a rehash.

@@ -1,5 +1,7 @@
 """The launchers without slurm or GPUs: fake `srun`, `scontrol`, `getent`, `torchrun` (and a GPU-counting
-`python`) on PATH record what the scripts run; torchrun's own argument parser checks the torchrun lines."""
+`python`) on PATH record what the scripts run; torchrun's own argument parser checks the torchrun lines.
+Only what a real cluster cannot show is here (a failing scontrol, hosts that do not match the allocation,
+GPU counts); the jobs themselves run through a real slurm in tests/slurm/."""
 
 import json
 import os
@@ -87,41 +89,6 @@ def _torchrun_args(call):
     return get_args_parser().parse_args(call["argv"])
 
 
-@pytest.mark.parametrize("nodes", [1, 2])
-def test_sbatch_runs_one_torchrun_per_node_with_c10d_rendezvous_on_the_first_host(fakes, tmp_path, nodes):
-    proc, calls = _run(SBATCH, PRETRAIN_ARGS, fakes, tmp_path, **_slurm_env(nodes))
-    assert proc.returncode == 0, proc.stderr
-
-    scontrol = [c for c in calls if c["tool"] == "scontrol"]
-    assert [c["argv"] for c in scontrol] == [["show", "hostnames", f"gpu-node[1-{nodes}]"]]
-
-    (srun,) = [c for c in calls if c["tool"] == "srun"]
-    options = srun["argv"][: srun["argv"].index("torchrun")]
-    assert options == [f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    assert srun["env"]["SRUN_CPUS_PER_TASK"] == "96"
-
-    torchruns = [c for c in calls if c["tool"] == "torchrun"]
-    assert sorted(c["env"]["SLURM_NODEID"] for c in torchruns) == [str(n) for n in range(nodes)]
-    for call in torchruns:
-        assert call["argv"] == srun["argv"][len(options) + 1:]
-        args = _torchrun_args(call)
-        assert (args.nnodes, args.nproc_per_node) == (str(nodes), "8")
-        assert args.rdzv_backend == "c10d" and args.rdzv_id == "4242" and not args.standalone
-        assert args.rdzv_endpoint == f"10.0.0.1:{29500 + 4242 % 1000}"  # the first host, resolved
-        assert args.max_restarts == 0
-        assert args.module and args.training_script == "internlm2.cli"
-        assert args.training_script_args == ["pretrain", *PRETRAIN_ARGS]  # quoting survives
-        assert call["env"]["INTERNLM2_PG_TIMEOUT_S"] == "1800"
-        assert call["env"]["PYTHONFAULTHANDLER"] == "1"
-
-    log = proc.stderr
-    assert f"nodes          {nodes}: " + " ".join(f"gpu-node{i}" for i in range(1, nodes + 1)) in log
-    assert f"master         gpu-node1 -> 10.0.0.1, port {29500 + 4242 % 1000}" in log
-    assert f"8 processes; world size {8 * nodes}" in log
-    assert "INTERNLM2_PG_TIMEOUT_S=1800" in log
-    assert "command        srun --nodes=" in log and "--rdzv-backend=c10d" in log
-
-
 def test_sbatch_keeps_the_users_timeout_port_and_process_count(fakes, tmp_path):
     env = _slurm_env(2, INTERNLM2_PG_TIMEOUT_S="42", INTERNLM2_MASTER_PORT="31000")
     del env["SLURM_GPUS_ON_NODE"]
@@ -131,31 +98,8 @@ def test_sbatch_keeps_the_users_timeout_port_and_process_count(fakes, tmp_path):
     call = next(c for c in calls if c["tool"] == "torchrun")
     args = _torchrun_args(call)
     assert args.nproc_per_node == "4" and args.rdzv_endpoint == "10.0.0.1:31000"
-    assert call["env"]["INTERNLM2_PG_TIMEOUT_S"] == "42"
-
-
-@pytest.mark.parametrize("loopback", ["127.0.1.1", "127.0.0.1"])
-def test_sbatch_fails_loudly_when_the_master_is_loopback_on_a_multi_node_job(fakes, tmp_path, loopback):
-    env = _slurm_env(2)
-    env["FAKE_RESOLVE"] = env["FAKE_RESOLVE"].replace("10.0.0.1", loopback)
-    proc, calls = _run(SBATCH, PRETRAIN_ARGS, fakes, tmp_path, **env)
-    assert proc.returncode != 0
-    assert f"resolves to {loopback}, a loopback address, on a 2-node job" in proc.stderr
-    assert not [c for c in calls if c["tool"] in ("srun", "torchrun")]
-
-
-def test_sbatch_rejects_a_localhost_fallback_from_scontrol(fakes, tmp_path):
-    env = _slurm_env(2, FAKE_HOSTS="localhost localhost", FAKE_RESOLVE="localhost=127.0.0.1")
-    proc, calls = _run(SBATCH, PRETRAIN_ARGS, fakes, tmp_path, **env)
-    assert proc.returncode != 0 and "loopback" in proc.stderr
-    assert not [c for c in calls if c["tool"] == "srun"]
-
-
-def test_sbatch_allows_loopback_on_a_single_node(fakes, tmp_path):
-    env = _slurm_env(1, FAKE_RESOLVE="gpu-node1=127.0.1.1")
-    proc, calls = _run(SBATCH, PRETRAIN_ARGS, fakes, tmp_path, **env)
-    assert proc.returncode == 0, proc.stderr
-    assert _torchrun_args(next(c for c in calls if c["tool"] == "torchrun")).rdzv_endpoint.startswith("127.0.1.1:")
+    assert call["env"]["INTERNLM2_PG_TIMEOUT_S"] == "42" and call["env"]["PYTHONFAULTHANDLER"] == "1"
+    assert next(c for c in calls if c["tool"] == "srun")["env"]["SRUN_CPUS_PER_TASK"] == "96"
 
 
 @pytest.mark.parametrize(
@@ -164,9 +108,7 @@ def test_sbatch_allows_loopback_on_a_single_node(fakes, tmp_path):
         (dict(FAKE_SCONTROL_RC="1"), "'scontrol show hostnames gpu-node[1-2]' failed"),
         (dict(FAKE_HOSTS="gpu-node1"), "scontrol listed 1 host(s) (gpu-node1) for a job of 2 node(s)"),
         (dict(FAKE_RESOLVE="gpu-node2=10.0.0.2"), "'gpu-node1' does not resolve to an address"),
-        (dict(SLURM_GPUS_ON_NODE=""), "cannot tell how many processes to start per node"),
         (dict(SLURM_JOB_NODELIST=""), "submit this script with sbatch"),
-        (dict(INTERNLM2_MASTER_PORT="70000"), "the rendezvous port must be 1-65535, got '70000'"),
     ],
 )
 def test_sbatch_stops_before_launching_on_a_bad_allocation(fakes, tmp_path, change, message):

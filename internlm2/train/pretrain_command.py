@@ -59,11 +59,18 @@ def finish(trainer) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from internlm2.train.preemption import StoppedEarly
     from internlm2.train.trainer import Trainer
 
     cfg = load_config(TrainConfig, args.config, args.set)
     trainer = Trainer(cfg)
-    trainer.run()
+    try:
+        trainer.run()
+    except StoppedEarly as stop:  # a scheduler or a user asked; the checkpoint is saved: no export yet
+        trainer.runtime.close()
+        if trainer.rank == 0:
+            print(f"internlm2 pretrain: {stop}", flush=True)
+        return 0
     trainer.runtime.close()
     if trainer.rank == 0:
         finish(trainer)

@@ -36,6 +36,7 @@ from internlm2.train.engine import Engine, StepOutcome, checkpoint_bytes
 from internlm2.train.flops import DecoderShape, document_lengths, training_flops
 from internlm2.train.metrics import MFUError, Peak, device_peak, peak_memory_bytes, reset_peak_memory, throughput
 from internlm2.train.metrics_log import MetricsLogger
+from internlm2.train.preemption import StopSignals
 from internlm2.train.preflight import plan_run
 from internlm2.train.runtime import Runtime
 from internlm2.train.schedule import WarmupCosine
@@ -86,6 +87,7 @@ class Trainer:
         plan = plan_run(cfg)  # every check that needs no process group and no data, first
         self.runtime = Runtime.start(plan.layout, deterministic=cfg.deterministic, seed=cfg.seed, **plan.model_shape)
         self.rank, self.device, self.parallel = self.runtime.rank, self.runtime.device, self.runtime.parallel
+        self.stop_signals = StopSignals.from_environment(self.device, self.rank)  # before any data is made
         self.data = resolve_data(cfg.data, self.run_dir, self.rank, self.runtime.barrier)
         self.tokenizer = Tokenizer.load(self.data.tokenizer)
         if self.tokenizer.vocab_size > plan.model.vocab_size:
@@ -129,10 +131,11 @@ class Trainer:
             print(f"resumed from {resumed} at step {self.state.step} (stage {cfg.stages[self.state.stage].name})",
                   flush=True)
         try:
-            while self.state.stage < len(cfg.stages):
-                self._run_stage(cfg.stages[self.state.stage], logger)
-                self.state.stage += 1
-                self.state.stage_step = self.state.consumed_samples = 0
+            with self.stop_signals.catching():
+                while self.state.stage < len(cfg.stages):
+                    self._run_stage(cfg.stages[self.state.stage], logger)
+                    self.state.stage += 1
+                    self.state.stage_step = self.state.consumed_samples = 0
         finally:
             logger.close()
         return self.state
@@ -163,8 +166,11 @@ class Trainer:
             if eval_set is not None and state.step % cfg.eval.every == 0:
                 eval_loss = self.evaluate(eval_set, stage)
                 logger.log(state.step, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
-            if state.stage_step == stage.steps or state.step % cfg.checkpoint.every == 0:
+            stop = self.stop_signals.stop_requested()  # a collective: the same answer on every rank
+            if stop or state.stage_step == stage.steps or state.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
+            if stop:
+                raise self.stop_signals.stopped(state.step)
 
     def _prepare(self, batch: dict) -> dict:
         """A collated micro-batch on the device, padded as the layout needs (`pad_for_layout`)."""
