@@ -121,10 +121,16 @@ class Engine:
         return self.parallel.pp_rank == self.parallel.pp_size - 1
 
     # ---- computation ----------------------------------------------------------------------------
-    def forward_backward(self, micro_batches: Sequence[dict], loss_fn: LossFn, normalizer: float) -> dict[str, float]:
+    def forward_backward(self, micro_batches: Sequence[dict], loss_fn: LossFn, normalizer: float, *,
+                         accumulate: bool = False, final: bool = True) -> dict[str, float]:
         """Forward and backward of this rank's micro-batches; gradients accumulate in the optimizer.
         `normalizer`: this DP rank's count (the same on its TP, CP and PP peers), all-reduced here.
-        Returns the step's metrics ("loss" and loss_fn's), the same on every rank."""
+        Returns the call's metrics ("loss" and loss_fn's), the same on every rank.
+
+        One step may combine objectives with their own normalisers (PPO's policy loss per action token
+        and its pretraining loss per target token): `accumulate=True` adds to the gradients of the call
+        before instead of starting from zero, and every call but the step's last passes `final=False`, so
+        the gradient reduction overlapped with the backward starts only once all gradients are in."""
         if self.optimizer is None:
             raise RuntimeError("forward_backward: this engine's model is frozen (built without an optimizer)")
         scale = 1.0 / self._global_count(normalizer)
@@ -140,9 +146,11 @@ class Engine:
                 parts.append((scaled.detach(), metrics))
                 return scaled
 
-        self.optimizer.zero_grad()
+        if not accumulate:
+            self.optimizer.zero_grad()
         with self.timers("forward_backward"):
-            run_pipeline(self.parallel, self.chunks, list(micro_batches), stage, grad_sync=self.optimizer.grad_sync)
+            run_pipeline(self.parallel, self.chunks, list(micro_batches), stage,
+                         grad_sync=self.optimizer.grad_sync if final else None)
         metrics = self._reduce(parts, scale)
         self.last_loss = metrics["loss"]
         return metrics

@@ -109,3 +109,41 @@ def test_per_sequence_objective_under_parallel_layouts(layout):
     config = ParallelConfig(**layout)
     _check(run_distributed(config.world_size, _distributed_case, config))
 
+
+
+def _accumulated_case(config: ParallelConfig):
+    """The same step as two forward_backward calls (the first not final, the second accumulating), each
+    normalised by the whole step's sequence count: the gradients equal one call's."""
+    shape = tiny_config()
+    parallel = (ParallelState.single() if config.world_size == 1 else
+                worker_state(config, num_layers=shape.num_layers, num_attention_heads=shape.num_attention_heads,
+                             num_kv_heads=shape.num_key_value_heads, vocab_size=shape.vocab_size))
+    full = initial_weights(shape)
+
+    def load(chunks):
+        for chunk in chunks:
+            names = {n for n, _ in chunk.named_parameters()}
+            load_full_state_dict(chunk, {k: v for k, v in full.items() if k in names}, parallel)
+
+    engine = Engine.build(InternLM2ForCausalLM, shape, parallel, dtype=torch.float32, device=torch.device("cpu"),
+                          seed=0, optim=dict(lr=1e-3), weights=load)
+    mbs = [with_sequence_weights(mb) for mb in microbatches(0, shape.vocab_size)]
+    per_rank = len(mbs) // parallel.dp_size
+    mine = mbs[parallel.dp_rank * per_rank:(parallel.dp_rank + 1) * per_rank]
+    first = engine.forward_backward(mine[:1], per_sequence_loss, sequences(mine), final=False)
+    second = engine.forward_backward(mine[1:], per_sequence_loss, sequences(mine), accumulate=True)
+    grads = _full(engine.optimizer.full_grads(), engine.chunks, parallel)
+    engine.optimizer.remove_hooks()
+    return {"loss": first["loss"] + second["loss"], "grads": grads}
+
+
+@pytest.mark.parametrize("world", [pytest.param(1, id="one-process"),
+                                   pytest.param(2, marks=pytest.mark.world_size(2), id="dp2")])
+def test_accumulating_calls_equal_one_call(world):
+    config = ParallelConfig(dp=world)
+    results = [_accumulated_case(config)] if world == 1 else run_distributed(2, _accumulated_case, config)
+    ref = oracle()
+    for r in results:
+        assert abs(r["loss"] - ref["loss"]) < 1e-5, (r["loss"], ref["loss"])
+        for name, g in r["grads"].items():
+            torch.testing.assert_close(g, ref["grads"][name], **TOL, msg=lambda m, n=name: f"grad {n}: {m}")
