@@ -22,6 +22,7 @@ from internlm2.model.checkpoint_files import (
     parse_size,
     write_safetensors_shards,
 )
+from internlm2.data.chat_template import add_chat_template
 from internlm2.model.config import ModelConfig
 from internlm2.model.hf_config import FORMATS, config_to_hf, read_hf_config
 from internlm2.model.hf_layout import IGNORED_SOURCE_TENSOR, from_ours, source_names, to_ours
@@ -157,6 +158,8 @@ def write_pretrained(directory: str | Path, config: ModelConfig, tensors: Iterab
         hf_config["torch_dtype"] = _dtype_name(stored[0]) if stored else "float32"
         source = Path(source_directory) if source_directory is not None else None
         copied = copy_companion_files(source, tmp, with_remote_code=fmt == "internlm2") if source else []
+        if "tokenizer.model" in copied:  # the chat template for transformers' apply_chat_template
+            add_chat_template(tmp)
         if fmt == "internlm2" and source is not None and any(n.endswith(".py") for n in copied):
             auto_map = json.loads((source / "config.json").read_text()).get("auto_map")
             if auto_map:

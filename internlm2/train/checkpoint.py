@@ -50,6 +50,10 @@ FORMAT_VERSION = 2
 STATE_FILE, MANIFEST = "state.json", "manifest.json"
 _OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq")
 MODEL_CLASSES = {"causal_lm": InternLM2ForCausalLM, "score": InternLM2ForScore}
+MODEL_UNIT = "model"  # the unit of the one model a staged run (pretraining, SFT) trains
+# The fields that decide the parameters' shapes: a checkpoint's weights load into a model that agrees on them.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                "num_key_value_heads", "head_size")
 
 
 def model_kind(engine: Engine) -> str:
@@ -166,6 +170,24 @@ def load(directory: Path, units: dict[str, Engine], parallel: ParallelState) -> 
     if state["world_size"] == parallel.world_size and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True), parallel.device)
     return state["loop"]
+
+
+def load_weights(directory: Path, unit: str, chunks, parallel: ParallelState) -> None:
+    """Collective: unit `unit`'s weights from a verified checkpoint into `chunks` (this rank's part of the
+    model, in any layout: DCP reads the pieces each shard needs), and nothing else: no optimizer state, no
+    RNG, no loop position (a new run starting from another run's model)."""
+    directory = Path(directory)
+    problem = verify(directory, parallel)
+    if problem is not None:
+        raise CheckpointError(f"init_from {directory}: {problem}")
+    _, saved = unit_config(directory, unit)
+    model = chunks[0].config
+    differ = [f"{f} {getattr(saved, f)} (model: {getattr(model, f)})" for f in SHAPE_FIELDS
+              if getattr(saved, f) != getattr(model, f)]
+    if differ:
+        raise CheckpointError(f"init_from {directory}: unit {unit!r} has another model shape: {', '.join(differ)}")
+    with single_process_quiet():
+        dcp.load(unit_state_dict(unit, Engine(chunks, parallel), None), checkpoint_id=directory / "dcp")
 
 
 def read_unit_tensor(directory: Path, unit: str, name: str, shape) -> torch.Tensor:
