@@ -78,24 +78,40 @@ def held_out(key: str) -> bool:
 
 
 # ---- the tasks ----------------------------------------------------------------------------------
+_DEF = re.compile(r"( *)def ([A-Za-z_][A-Za-z0-9_]*)\(")
+
+
 @functools.lru_cache(maxsize=None)
 def _functions() -> dict[str, tuple[tuple[str, str], ...]]:
-    """split -> (name, source) of the standard library's short, undecorated, non-dunder functions."""
+    """split -> (name, source) of the standard library's short (2-8 lines, at most 320 characters),
+    undecorated, non-dunder functions. Found line by line (a def and the lines indented below it) and each
+    candidate parsed on its own: parsing every file of the library would take minutes on a busy machine."""
     pools: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     root = stdlib_root()
     for path in stdlib_files():
         try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError, ValueError):
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except (UnicodeDecodeError, OSError):
             continue
         split = "eval" if held_out(path.relative_to(root).as_posix()) else "train"
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or node.decorator_list or node.name.startswith("__"):
+        for i, line in enumerate(lines):
+            found = _DEF.match(line)
+            if not found or found[2].startswith("__") or (i and lines[i - 1].strip().startswith("@")):
                 continue
-            code = textwrap.dedent(ast.get_source_segment(source, node, padded=True) or "")
-            if 2 <= code.count("\n") + 1 <= 8 and len(code) <= 320 and "\t" not in code:
-                pools[split].append((node.name, code))
+            indent, end = len(found[1]), i + 1
+            while end < len(lines) and end - i <= 8 and (not lines[end].strip() or
+                                                        len(lines[end]) - len(lines[end].lstrip(" ")) > indent):
+                end += 1
+            while end > i + 1 and not lines[end - 1].strip():
+                end -= 1
+            code = textwrap.dedent("\n".join(lines[i:end]))
+            if not 2 <= end - i <= 8 or len(code) > 320 or "\t" in code:
+                continue
+            try:
+                ast.parse(code)
+            except SyntaxError:  # the block ended early (a signature's closing line, a string's lines)
+                continue
+            pools[split].append((found[2], code))
     return {s: tuple(pool) for s, pool in pools.items()}
 
 
