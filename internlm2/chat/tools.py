@@ -33,7 +33,7 @@ class Calculator:
     name = "calculator"
     schema = {
         "name": "calculator",
-        "description": "Evaluates an arithmetic expression with + - * / // % ** and parentheses.",
+        "description": "Evaluates an arithmetic expression.",
         "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
                        "required": ["expression"]},
     }
