@@ -156,7 +156,7 @@ class SampleConfig:
 @dataclass
 class TrainConfig:
     run_dir: str
-    model: dict[str, Any]  # internlm2.model.ModelConfig fields; `preset: NAME` starts from a preset
+    model: dict[str, Any]  # ModelConfig fields; `preset: NAME` starts from a preset (with init_from: changes to it)
     stages: list[StageConfig]
     data: DataConfig = field(default_factory=DataConfig)
     init_from: str | None = None  # an HF directory or a training checkpoint to start from (see init_from.py)

@@ -30,8 +30,7 @@ import torch
 
 from internlm2.config import ConfigError
 from internlm2.constants import IGNORE_INDEX
-from internlm2.data import PackedDataset, PreparedDataset, Tokenizer
-from internlm2.data.conversation_packing import ConversationPackedDataset
+from internlm2.data import ConversationPackedDataset, PackedDataset, PreparedDataset, Tokenizer
 from internlm2.data.prepare import PrepareOptions, prepare
 from internlm2.model.heads import BackboneOutput
 from internlm2.train.config import DataConfig, DataSource, OptimConfig, StageConfig, TrainConfig
