@@ -10,7 +10,6 @@ import sys
 from fractions import Fraction
 
 import pytest
-import torch
 
 from internlm2.chat import session
 from internlm2.chat.calculator import CalculatorError, evaluate

@@ -16,11 +16,10 @@ from internlm2.data import collate_packed
 from internlm2.data.conversation_packing import ConversationPackedDataset
 from internlm2.data.packing import pad_pieces
 from internlm2.model import InternLM2ForCausalLM
-from internlm2.parallel import ParallelConfig, ParallelState, load_full_state_dict
-from internlm2.train.engine import Engine
+from internlm2.parallel import ParallelConfig, ParallelState
 from internlm2.train.sft import SFTOptions, SFTTask
 from tests.distributed.spawn import run_distributed, worker_state
-from tests.distributed.training_harness import _full, initial_weights, tiny_config
+from tests.distributed.training_harness import _full, engine_with_initial_weights, initial_weights, tiny_config
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 SEQ_LEN, ROWS = 48, 8
@@ -107,16 +106,7 @@ def micro_batches(layout: str, rows_per_micro_batch: int) -> list[dict]:
 
 
 def engine_step(parallel: ParallelState, normalization: str, layout: str = "packed", rows_per_micro_batch: int = 2):
-    config = tiny_config()
-    full = initial_weights(config)
-
-    def load(chunks):
-        for chunk in chunks:
-            names = {n for n, _ in chunk.named_parameters()}
-            load_full_state_dict(chunk, {k: v for k, v in full.items() if k in names}, parallel)
-
-    engine = Engine.build(InternLM2ForCausalLM, config, parallel, dtype=torch.float32, device=torch.device("cpu"),
-                          seed=0, optim=dict(lr=1e-3, mode="zero1"), weights=load)
+    engine = engine_with_initial_weights(parallel)
     task = SFTTask(SFTOptions(loss_normalization=normalization))
     mbs = micro_batches(layout, rows_per_micro_batch)
     if parallel.cp_size > 1:  # as the trainer prepares them: pieces split into 2*cp chunks

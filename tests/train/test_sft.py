@@ -19,8 +19,9 @@ from internlm2.data.chat_template import CHAT_TEMPLATE
 from internlm2.train import checkpoint as ckpt
 from internlm2.train.sft import SFTConfig, SFTTask
 from internlm2.train.trainer import Trainer
+from tests.train.test_run_cli import metric
 from tests.train.test_trainer import _kill_when
-from tests.train.tiny_run import ROOT, losses, make_data, run_pretrain, tiny_config, write_config
+from tests.train.tiny_run import ROOT, losses, make_data, run_pretrain, tiny_config, with_overrides, write_config
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", INTERNLM2_PG_TIMEOUT_S="120")
 
@@ -51,13 +52,7 @@ def sft_config(data_dir, run_dir, init_from, **overrides) -> dict:
         "eval": {"every": 6, "rows": 2},
         "logging": {"tensorboard": False, "progress": False},
     }
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        node[last] = value
-    return cfg
+    return with_overrides(cfg, overrides)
 
 
 def sft_cli(config, timeout=600, nproc=1):
@@ -98,15 +93,6 @@ def test_a_stage_mixes_conversations_with_pretraining_rows(data_dir, pretrained,
         starts_with_bos = row["input_ids"][row["cu_seqlens"][:-1].long()] == trainer.tokenizer.bos_id
         # conversations: every piece a whole conversation (BOS first) but the padding; text: a cut stream
         assert kind == 1 or starts_with_bos[:-1].all() or starts_with_bos.all()
-
-
-def metric(run_dir, key) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if key in record:
-            out[record["step"]] = record[key]
-    return out
 
 
 def test_sft_sigkill_then_resume_is_bitwise_identical(data_dir, pretrained, tmp_path):
