@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from benchmarks.harness import Report, median_time
-from internlm2.model import InternLM2ForCausalLM, preset_config
+from internlm2.model import InternLM2ForCausalLM, preset_config, save_pretrained
 from internlm2.model.generation import SamplingParams, generate
 
 
@@ -54,7 +54,7 @@ def build_pair(config, dtype, device):
 
     ours = InternLM2ForCausalLM(config, dtype=dtype, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        ours.save_pretrained(os.path.join(tmp, "llama"), format="llama")
+        save_pretrained(ours, os.path.join(tmp, "llama"), fmt="llama")
         theirs = LlamaForCausalLM.from_pretrained(os.path.join(tmp, "llama"), dtype=dtype, attn_implementation="sdpa")
     return ours, theirs.to(device)
 

@@ -6,6 +6,7 @@ the date. CUDA timings use events on the current stream; CPU timings use perf_co
 """
 
 import datetime
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -77,6 +78,24 @@ def cpu_peak_memory(fn: Callable[[], object]) -> int:
     grown = parent.recv()
     proc.join()
     return grown
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def cpu_peak_memory_here(fn: Callable[[], object]) -> int:
+    """Bytes by which the peak resident memory grows while `fn` runs, in this process (for where forking
+    is not allowed, e.g. in a daemonic worker): the kernel's high-water mark is reset first (Linux
+    /proc/self/clear_refs), so earlier peaks do not hide this one. Free what `fn` leaves behind between calls."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - base) * 1024
 
 
 def cuda_peak_memory(fn: Callable[[], object]) -> int:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from internlm2.cli import main as cli_main
+from internlm2.model import save_pretrained
 from internlm2.model.generation import SamplingParams, generate, sample_next
 from tests.test_model_support import KERNEL_CHOICES, random_ids, random_model, tiny_config
 
@@ -112,7 +113,7 @@ def test_generate_command_prints_text_with_the_tokenizer(tmp_path, capsys):
     docs = [f"The quick brown fox {i} jumps over the lazy dog.\nPack my box with five dozen liquor jugs." for i in range(50)]
     tokenizer = train_tokenizer(docs, tmp_path / "tok", 320)
     model = random_model(tiny_config(vocab_size=tokenizer.vocab_size))
-    model.save_pretrained(tmp_path / "model", tokenizer_directory=tmp_path / "tok")
+    save_pretrained(model, tmp_path / "model", tokenizer_directory=tmp_path / "tok")
     assert (tmp_path / "model" / "tokenizer.model").is_file()
     args = ["generate", "--model", str(tmp_path / "model"), "--prompt", "The quick", "--prompt", "Pack my box",
             "--max-new-tokens", "5", "--kernels", "reference", "--json"]
@@ -131,7 +132,7 @@ def test_generate_command_prints_text_with_the_tokenizer(tmp_path, capsys):
 
 def test_generate_command_without_tokenizer_takes_ids(tmp_path, capsys):
     model = random_model(tiny_config())
-    model.save_pretrained(tmp_path / "model")
+    save_pretrained(model, tmp_path / "model")
     capsys.readouterr()
     assert cli_main(["generate", "--model", str(tmp_path / "model"), "--prompt-ids", "5,6,7",
                      "--max-new-tokens", "4", "--kernels", "reference"]) == 0

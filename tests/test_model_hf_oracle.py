@@ -8,13 +8,14 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from internlm2.model import load_pretrained, save_pretrained
 from tests.test_model_support import KERNEL_CHOICES, random_ids, random_model, tiny_config
 
 ATOL = 1e-4  # fp32
 
 
 def hf_oracle(model, tmp_path) -> LlamaForCausalLM:
-    model.save_pretrained(tmp_path / "llama", format="llama")
+    save_pretrained(model, tmp_path / "llama", fmt="llama")
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32, attn_implementation="eager")
     return hf.eval()
 
@@ -103,9 +104,7 @@ def test_llama_checkpoint_from_transformers_loads_into_ours(tmp_path):
         for p in hf.parameters():
             p.normal_(0, 0.2)
     hf.save_pretrained(tmp_path / "hf")
-    from internlm2.model import InternLM2ForCausalLM
-
-    ours = InternLM2ForCausalLM.from_pretrained(tmp_path / "hf", kernels="reference").eval()
+    ours = load_pretrained(tmp_path / "hf", kernels="reference").eval()
     ids = random_ids((2, 12), 320)
     with torch.no_grad():
         assert max_diff(ours(ids).logits, hf(ids).logits) <= ATOL

@@ -8,7 +8,7 @@ process's, with dynamic NTK active (sequences longer than max_position_embedding
 import pytest
 import torch
 
-from internlm2.model import InternLM2ForCausalLM
+from internlm2.model import load_pretrained, save_pretrained
 from internlm2.model.generation import SamplingParams, generate
 from internlm2.parallel import ParallelConfig
 from internlm2.parallel.context_parallel import zigzag_split
@@ -35,7 +35,7 @@ def batch():
 
 def run_rank(directory, out_directory, sequence_parallel):
     parallel = worker_state(ParallelConfig(tp=2, sequence_parallel=sequence_parallel))
-    model = InternLM2ForCausalLM.from_pretrained(directory, parallel=parallel, kernels="reference").eval()
+    model = load_pretrained(directory, parallel=parallel, kernels="reference").eval()
     wqkv = model.model.layers["0"].attention.wqkv.weight
     assert wqkv.shape[0] == model.config.qkv_size // 2  # this rank's KV groups only
     ids, cu, labels = batch()
@@ -44,14 +44,14 @@ def run_rank(directory, out_directory, sequence_parallel):
     result = {"logits": out.logits, "loss": out.loss}
     if not sequence_parallel:
         result["tokens"] = generate(model, PROMPTS, SamplingParams(max_new_tokens=12, stop_token_ids=())).tokens
-        model.save_pretrained(out_directory, format="llama")
+        save_pretrained(model, out_directory, fmt="llama")
     return result
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
 def test_tensor_parallel_model_matches_one_process(sequence_parallel, tmp_path):
     single = random_model(tiny_config())
-    single.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(single, tmp_path / "ckpt")
     ids, cu, labels = batch()
     with torch.no_grad():
         expected = single(ids, cu_seqlens=cu, labels=labels, return_logits=True)
@@ -62,7 +62,7 @@ def test_tensor_parallel_model_matches_one_process(sequence_parallel, tmp_path):
     if not sequence_parallel:
         tokens = generate(single, PROMPTS, SamplingParams(max_new_tokens=12, stop_token_ids=())).tokens
         assert all(rank["tokens"] == tokens for rank in results)
-        single.save_pretrained(tmp_path / "single", format="llama")
+        save_pretrained(single, tmp_path / "single", fmt="llama")
         assert_bitwise_equal(read_all(tmp_path / "saved"), read_all(tmp_path / "single"))
 
 
@@ -75,7 +75,7 @@ def cp_batch():
 
 def run_cp_rank(directory):
     parallel = worker_state(ParallelConfig(cp=2))
-    model = InternLM2ForCausalLM.from_pretrained(directory, parallel=parallel, kernels="reference")
+    model = load_pretrained(directory, parallel=parallel, kernels="reference")
     ids, cu, labels = cp_batch()
     out = model(ids, cu_seqlens=cu, labels=labels, loss_reduction="sum", return_logits=True)
     out.loss.backward()
@@ -86,7 +86,7 @@ def run_cp_rank(directory):
 
 def test_context_parallel_model_matches_one_process(tmp_path):
     single = random_model(tiny_config(max_position_embeddings=8), std=0.05)  # 12 > 8: NTK scaling active
-    single.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(single, tmp_path / "ckpt")
     ids, cu, labels = cp_batch()
     single.train()
     expected = single(ids, cu_seqlens=cu, labels=labels, loss_reduction="sum", return_logits=True)

@@ -20,6 +20,7 @@ from internlm2.data.builtin_corpus import stdlib_files
 from internlm2.data.chat import ChatFormatError, Message, check_order, parse_messages, render
 from internlm2.data.conversation_packing import ConversationPackedDataset
 from internlm2.data.errors import DataError
+from internlm2.data.hf_tokenizer import hf_tokenizer_files
 from internlm2.data.mixture import MixtureDataset
 from internlm2.data.packing import IGNORE_INDEX, PackedDataset, collate_packed
 from internlm2.data.preference import PreferenceDataset, PromptDataset
@@ -33,6 +34,6 @@ __all__ = [
     "CHAT_TOKENS", "IGNORE_INDEX", "ChatFormatError", "ConversationPackedDataset", "DataError", "Message",
     "MixtureDataset", "PackedDataset",
     "PrepareOptions", "PreparedDataset", "PreferenceDataset", "PromptDataset", "ResumableSampler", "Tokenizer",
-    "check_order", "collate_packed", "micro_batch_indices", "parse_messages", "prepare", "render",
+    "check_order", "collate_packed", "hf_tokenizer_files", "micro_batch_indices", "parse_messages", "prepare", "render",
     "sample_indices", "stdlib_files", "train_tokenizer",
 ]

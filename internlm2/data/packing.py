@@ -83,12 +83,15 @@ def collate_packed(rows: Sequence[dict[str, torch.Tensor]]) -> dict:
     }
 
 
-def pad_pieces(batch: dict, multiple: int, total_multiple: int, pad_id: int) -> dict:
+def pad_pieces(batch: dict, multiple: int, total_multiple: int, pad_id: int, fills: dict | None = None) -> dict:
     """`batch` (a `collate_packed` result) with every packed piece padded at its end to a multiple of
     `multiple` tokens, and the last piece padded further until the total is a multiple of
     `total_multiple`. Pad tokens are `pad_id` with no target (IGNORE_INDEX) and continue their piece's
     positions; under causal attention the real tokens never see them, so the loss over real tokens is
-    unchanged. Context parallelism needs this: it splits every piece into 2*cp equal chunks."""
+    unchanged. Context parallelism needs this: it splits every piece into 2*cp equal chunks.
+
+    Other per-token tensors of the batch (1-D, one value per token) are padded with their value in
+    `fills` (e.g. a reward model's scored-token slots with -1); one without a fill is an error."""
     if multiple < 1 or total_multiple < 1:
         raise ValueError(f"multiple {multiple} and total_multiple {total_multiple} must be positive")
     cu = batch["cu_seqlens"].tolist()
@@ -98,12 +101,21 @@ def pad_pieces(batch: dict, multiple: int, total_multiple: int, pad_id: int) -> 
         padded[-1] += multiple
     if padded == lengths:
         return batch
-    parts = {"input_ids": [], "labels": [], "position_ids": []}
+    fills = {"input_ids": pad_id, "labels": IGNORE_INDEX, **(fills or {})}
+    total = cu[-1]
+    per_token = [k for k, v in batch.items() if k != "position_ids" and isinstance(v, torch.Tensor)
+                 and v.dim() == 1 and v.shape[0] == total]
+    unfilled = sorted(set(per_token) - set(fills))
+    if unfilled:
+        raise ValueError(f"pad_pieces: no fill value for the per-token tensor(s) {unfilled}")
+    parts = {k: [] for k in [*per_token, "position_ids"]}
     for start, n, m in zip(cu[:-1], lengths, padded):
+        for k in per_token:
+            value = batch[k]
+            parts[k] += [value[start:start + n], torch.full((m - n,), fills[k], dtype=value.dtype)]
         pos = batch["position_ids"][start:start + n]
         first = int(pos[0]) if n else 0
-        parts["input_ids"] += [batch["input_ids"][start:start + n], torch.full((m - n,), pad_id, dtype=batch["input_ids"].dtype)]
-        parts["labels"] += [batch["labels"][start:start + n], torch.full((m - n,), IGNORE_INDEX, dtype=batch["labels"].dtype)]
         parts["position_ids"] += [pos, torch.arange(first + n, first + m, dtype=pos.dtype)]
     cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(padded)]), dtype=torch.int32)
-    return {**{k: torch.cat(v) for k, v in parts.items()}, "cu_seqlens": cu_seqlens, "max_seqlen": max(padded)}
+    return {**batch, **{k: torch.cat(v) for k, v in parts.items()}, "cu_seqlens": cu_seqlens,
+            "max_seqlen": max(padded)}

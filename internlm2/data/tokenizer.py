@@ -41,7 +41,7 @@ spm.set_min_log_level(2)
 class Tokenizer:
     """A SentencePiece model plus the ids of the chat tokens it has.
 
-    Attributes: `vocab_size`, `bos_id`, `eos_id`, `pad_id` (the model's pad, else EOS as InternLM2's HF
+    Attributes: `vocab_size`, `unk_id`, `bos_id`, `eos_id`, `pad_id` (the model's pad, else EOS as InternLM2's HF
     config does), `special_ids` (chat token -> id, only those the model has), `fingerprint` (16 hex
     digits naming the model and its chat-token ids; prepared shards record it)."""
 
@@ -65,6 +65,7 @@ class Tokenizer:
         self.special_ids = dict(special_ids)
         self._special_by_id = {i: t for t, i in self.special_ids.items()}
         self._split = re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")") if self.special_ids else None
+        self.unk_id = self._sp.unk_id()
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
@@ -134,6 +135,11 @@ class Tokenizer:
             run = []
         parts.append(self._sp.decode(run))
         return "".join(parts)
+
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model."""
+        return self._proto
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(i)

@@ -12,7 +12,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,7 +45,7 @@ class CheckpointReader:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
-        self._open: dict[str, object] = {}
+        self._bins: dict[str, dict] = {}
         self._file_of = self._weight_map()
 
     def _weight_map(self) -> dict[str, str]:
@@ -68,27 +68,35 @@ class CheckpointReader:
             f"no weights in {d}: expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
         )
 
-    def _handle(self, filename: str):
-        if filename not in self._open:
+    def _open_safetensors(self, filename: str):
+        try:
+            return safe_open(self.directory / filename, framework="pt", device="cpu")
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"cannot read {self.directory / filename} (corrupt or truncated?): {err}") from err
+
+    def _bin(self, filename: str) -> dict:
+        """The memory-mapped state dict of a legacy .bin file (kept open: unpickling it again per tensor
+        would cost more than its mapping)."""
+        if filename not in self._bins:
             path = self.directory / filename
             try:
-                if filename.endswith(".safetensors"):
-                    self._open[filename] = safe_open(path, framework="pt", device="cpu")
-                else:
-                    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                    if not isinstance(state, dict):
-                        raise CheckpointError(f"{path} does not hold a dict of tensors")
-                    self._open[filename] = state
+                # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except pickle.UnpicklingError as err:
                 raise CheckpointError(f"{path} holds pickled objects other than tensors; refusing to load it "
                                       f"(only weights are read, never code): {str(err).splitlines()[-1]}") from err
-            except (SafetensorError, OSError, RuntimeError, EOFError) as err:
+            except (OSError, RuntimeError, EOFError) as err:
                 raise CheckpointError(f"cannot read {path} (corrupt or truncated?): {err}") from err
-        return self._open[filename]
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path} does not hold a dict of tensors")
+            self._bins[filename] = state
+        return self._bins[filename]
 
     def _names_in(self, filename: str) -> list[str]:
-        return list(self._handle(filename).keys())
+        if filename.endswith(".safetensors"):
+            with self._open_safetensors(filename) as handle:
+                return list(handle.keys())
+        return list(self._bin(filename))
 
     def names(self) -> list[str]:
         return list(self._file_of)
@@ -96,16 +104,51 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
-    def get(self, name: str) -> torch.Tensor:
+    @contextmanager
+    def _lazy(self, name: str) -> Iterator[tuple[torch.Size, Callable[[tuple], torch.Tensor]]]:
+        """(shape of tensor `name`, a function reading the part of it an index selects), valid inside the
+        block. A safetensors file is mapped only for the block, so the pages a read touched leave this
+        process's resident memory after each tensor."""
         filename = self._file_of[name]
-        handle = self._handle(filename)
-        try:
-            tensor = handle.get_tensor(name) if filename.endswith(".safetensors") else handle[name]
-        except (SafetensorError, KeyError) as err:
-            raise CheckpointError(f"tensor {name} is listed for {self.directory / filename} but unreadable: {err}") from err
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"{name} in {self.directory / filename} is not a tensor")
-        return tensor
+        where = self.directory / filename
+        if not filename.endswith(".safetensors"):
+            tensor = self._bin(filename).get(name)
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"{name} in {where} is not a tensor")
+            yield tensor.shape, lambda index: tensor[index].clone()  # out of the map: only those pages are read
+            return
+        with self._open_safetensors(filename) as handle:
+            try:
+                lazy = handle.get_slice(name)
+            except SafetensorError as err:
+                raise CheckpointError(f"tensor {name} is listed for {where} but unreadable: {err}") from err
+
+            def read(index: tuple) -> torch.Tensor:
+                try:
+                    return lazy[index]
+                except SafetensorError as err:
+                    raise CheckpointError(f"cannot read tensor {name} from {where} (corrupt or truncated?): "
+                                          f"{err}") from err
+
+            yield torch.Size(lazy.get_shape()), read
+
+    def shape(self, name: str) -> torch.Size:
+        """The shape of tensor `name`, read from the file's header (no data)."""
+        with self._lazy(name) as (shape, _):
+            return shape
+
+    def get(self, name: str, part: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """Tensor `name`, or with `part=(dim, index, parts)` only its chunk `index` of `parts` equal chunks
+        along `dim`: then only that chunk's bytes are read (a tensor-parallel shard costs its own size)."""
+        with self._lazy(name) as (shape, read):
+            if part is None:
+                return read((...,))
+            dim, i, parts = part
+            if shape[dim] % parts:
+                raise CheckpointError(f"tensor {name} in {self.directory / self._file_of[name]}: dim {dim} of "
+                                      f"shape {tuple(shape)} does not split into {parts} equal parts")
+            size = shape[dim] // parts
+            return read((slice(None),) * dim + (slice(i * size, (i + 1) * size),))
 
 
 def parse_size(size: int | str) -> int:

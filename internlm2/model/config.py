@@ -37,6 +37,9 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = 2
+    # A reward model's score is its scalar head at this token, appended to every scored sequence
+    # (InternLM2's released reward models: 92527, [UNUSED_TOKEN_130]); None for other models.
+    reward_token_id: int | None = None
     # "fused": internlm2.ops kernels; "reference": their plain-PyTorch references (same results).
     kernels: str = "fused"
 
@@ -89,7 +92,7 @@ class ModelConfig:
         factor = self.rope_scaling_factor
         if factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1):
             raise ConfigError(f"rope_scaling_factor must be null or a number >= 1, got {factor!r}")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "reward_token_id"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value < self.vocab_size):
                 raise ConfigError(f"{name} must be null or a token id in [0, vocab_size={self.vocab_size}), got {value!r}")

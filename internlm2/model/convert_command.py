@@ -2,13 +2,15 @@
 
 Reads an InternLM2 or Llama checkpoint (safetensors, sharded or not, or legacy .bin), checks every tensor
 against its config.json, and writes the other (or the same) layout one tensor at a time; the tokenizer
-files come along. The target appears only when complete.
+comes along, its HF files written afresh from the source's tokenizer.model (so a Llama-layout target
+tokenizes in plain transformers). The target appears only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from internlm2.model.checkpoint_files import CheckpointError
 from internlm2.model.config import ConfigError
@@ -31,11 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from internlm2.data import DataError, Tokenizer, hf_tokenizer_files
+    from internlm2.data.tokenizer import MODEL_FILE
+
     try:
+        tokenizer = Path(args.source) / MODEL_FILE
+        tokenizer_files = hf_tokenizer_files(Tokenizer.load(tokenizer)) if tokenizer.is_file() else None
         target = convert_checkpoint(args.source, args.target, args.format,
                                     dtype=getattr(torch, args.dtype) if args.dtype else None,
-                                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, CheckpointError, ConfigError) as err:
+                                    max_shard_size=args.max_shard_size, tokenizer_files=tokenizer_files,
+                                    overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, CheckpointError, ConfigError, DataError) as err:
         print(f"internlm2 convert: {err}", file=sys.stderr)
         return 1
     print(f"wrote {target} ({args.format} layout)")

@@ -68,13 +68,13 @@ def run(args: argparse.Namespace) -> int:
     from internlm2.model.checkpoint_files import CheckpointError
     from internlm2.model.config import ConfigError
     from internlm2.model.generation import SamplingParams, generate
-    from internlm2.model.model import InternLM2ForCausalLM
+    from internlm2.model.pretrained import load_pretrained
 
     directory = Path(args.model)
     try:
         tokenizer = _load_tokenizer(directory)
         prompts = _prompts(args, tokenizer)
-        model = InternLM2ForCausalLM.from_pretrained(
+        model = load_pretrained(
             directory, kernels=args.kernels, dtype=getattr(torch, args.dtype) if args.dtype else None).eval()
         stops = args.stop_id
         if stops is None and args.chat and tokenizer is not None:

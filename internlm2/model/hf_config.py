@@ -29,6 +29,7 @@ _COMMON_FIELDS = {
     "bos_token_id": "bos_token_id",
     "eos_token_id": "eos_token_id",
     "pad_token_id": "pad_token_id",
+    "reward_token_id": "reward_token_id",
 }
 
 _REQUIRED_HF = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -104,22 +105,51 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> tuple[M
         raise ConfigError(f"{where}: {err}") from err
 
 
-def config_to_hf(config: ModelConfig, fmt: str, torch_dtype: str) -> dict:
-    """The config.json of `config` in format `fmt` ("internlm2" or "llama")."""
+# The heads a checkpoint can carry, by the `architectures` entry of its config.json: a language-model head
+# (`output` / Llama's `lm_head`) or InternLM2's reward-model head (`v_head`, scored at reward_token_id).
+HEAD_KINDS = {"InternLM2ForCausalLM": "causal_lm", "LlamaForCausalLM": "causal_lm",
+              "InternLM2ForRewardModel": "score"}
+_ARCHITECTURES = {("internlm2", "causal_lm"): "InternLM2ForCausalLM", ("llama", "causal_lm"): "LlamaForCausalLM",
+                  ("internlm2", "score"): "InternLM2ForRewardModel"}
+
+# InternLM2's released checkpoints name their remote code (configuration_internlm2.py and
+# modeling_internlm2.py, loaded with `trust_remote_code=True`) in `auto_map`; so do our exports. The
+# reward models map AutoModel to their reward class.
+INTERNLM2_AUTO_MAP = {
+    "AutoConfig": "configuration_internlm2.InternLM2Config",
+    "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+}
+
+
+def head_kind(hf: dict, where: str = "config.json") -> str:
+    """"causal_lm" or "score", from a parsed config.json's `architectures` (absent: a causal LM)."""
+    architectures = hf.get("architectures") or ["InternLM2ForCausalLM"]
+    kind = HEAD_KINDS.get(architectures[0])
+    if kind is None:
+        raise ConfigError(f"{where}: architecture {architectures[0]!r} is not one of {sorted(HEAD_KINDS)}")
+    return kind
+
+
+def config_to_hf(config: ModelConfig, fmt: str, torch_dtype: str, kind: str = "causal_lm") -> dict:
+    """The config.json of `config` in format `fmt`: "internlm2" as InternLM2's released checkpoints write
+    it (what their remote code reads), or "llama" for transformers' LlamaForCausalLM. `kind` "score" is
+    InternLM2's reward-model layout (InternLM2ForRewardModel, with reward_token_id)."""
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if (fmt, kind) not in _ARCHITECTURES:
+        raise ConfigError(f"a {kind} model has no {fmt} layout (reward models are written in the internlm2 layout)")
+    if kind == "score" and config.reward_token_id is None:
+        raise ConfigError("a reward model's config needs reward_token_id (the token whose hidden state is scored)")
+    factor = config.rope_scaling_factor
     hf: dict = {
-        "architectures": ["InternLM2ForCausalLM" if fmt == "internlm2" else "LlamaForCausalLM"],
+        "architectures": [_ARCHITECTURES[fmt, kind]],
         "model_type": fmt,
-        **{theirs: getattr(config, ours) for ours, theirs in _COMMON_FIELDS.items()},
+        **{theirs: getattr(config, ours) for ours, theirs in _COMMON_FIELDS.items()
+           if ours != "reward_token_id" or kind == "score"},
         "hidden_act": "silu",
         "tie_word_embeddings": False,
         "rope_theta": config.rope_theta,
-        # Both spellings of the scaling type: older readers look for "type", newer ones for "rope_type".
-        "rope_scaling": (
-            None if config.rope_scaling_factor is None
-            else {"type": "dynamic", "rope_type": "dynamic", "factor": config.rope_scaling_factor}
-        ),
         "torch_dtype": torch_dtype,
         "use_cache": True,
     }
@@ -129,14 +159,22 @@ def config_to_hf(config: ModelConfig, fmt: str, torch_dtype: str) -> dict:
                 f"the InternLM2 format needs head_dim ({config.head_size}) x num_attention_heads "
                 f"({config.num_attention_heads}) == hidden_size ({config.hidden_size}); save as 'llama' instead"
             )
-        hf["bias"] = False
+        # InternLM2Config accepts rope_scaling only as exactly {type, factor} with a float factor, and its
+        # attention reads pretraining_tp (1: plain matmuls) and attn_implementation.
+        auto_map = dict(INTERNLM2_AUTO_MAP)
+        if kind == "score":
+            auto_map["AutoModel"] = "modeling_internlm2.InternLM2ForRewardModel"
+        hf.update(auto_map=auto_map, bias=False, pretraining_tp=1, attn_implementation="eager",
+                  rope_scaling=None if factor is None else {"type": "dynamic", "factor": float(factor)})
     else:
-        hf.update(head_dim=config.head_size, attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+        # Both spellings of the scaling type: older transformers read "type", newer ones "rope_type".
+        hf.update(head_dim=config.head_size, attention_bias=False, mlp_bias=False, attention_dropout=0.0,
+                  rope_scaling=None if factor is None else {"type": "dynamic", "rope_type": "dynamic", "factor": factor})
     return hf
 
 
-def read_hf_config(directory: Path, **overrides) -> tuple[ModelConfig, str, str | None]:
-    """(config, format, torch_dtype string or None) of the checkpoint directory `directory`."""
+def read_hf_json(directory: Path) -> dict:
+    """The parsed config.json of the checkpoint directory `directory`."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not an HF checkpoint directory")
@@ -146,5 +184,16 @@ def read_hf_config(directory: Path, **overrides) -> tuple[ModelConfig, str, str 
         raise ConfigError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(hf, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    config, fmt = config_from_hf(hf, where=str(path), **overrides)
+    return hf
+
+
+def read_hf_config(directory: Path, **overrides) -> tuple[ModelConfig, str, str | None]:
+    """(config, format, torch_dtype string or None) of the checkpoint directory `directory`."""
+    hf = read_hf_json(directory)
+    config, fmt = config_from_hf(hf, where=str(Path(directory) / "config.json"), **overrides)
     return config, fmt, hf.get("torch_dtype", hf.get("dtype"))
+
+
+def read_head_kind(directory: Path) -> str:
+    """"causal_lm" or "score" for the checkpoint directory `directory`."""
+    return head_kind(read_hf_json(directory), str(Path(directory) / "config.json"))

@@ -6,6 +6,10 @@ InternLM2 layout is the identity. The Llama layout renames every tensor and spli
 (g query heads per KV head), which keeps a tensor-parallel shard a contiguous row slice; Llama's q/k/v
 keep every query head in order, and query head `h * g + j` uses KV head `h` in both, so the conversion is
 a pure reshape and concatenation: bitwise in both directions.
+
+Every checkpoint tensor that one of ours is made from splits along the same dimension as ours, into the
+same tensor-parallel chunks: chunk r of q, k and v fused is chunk r of `wqkv` (KV groups r*kv/tp onwards).
+So a rank can read just its chunk of each source tensor and convert the chunks.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ _LLAMA_QKV = ("model.layers.{0}.self_attn.q_proj.weight", "model.layers.{0}.self
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """InternLM2's interleaved `wqkv [(nh + 2 nkv) d, in]` from Llama's q `[nh d, in]`, k/v `[nkv d, in]`."""
-    kv, g, d = config.num_key_value_heads, config.queries_per_kv, config.head_size
+    """InternLM2's interleaved `wqkv [(nh + 2 nkv) d, in]` from Llama's q `[nh d, in]`, k/v `[nkv d, in]`
+    (or from the same tensor-parallel chunk of each: the number of KV heads is read off `k`)."""
+    g, d = config.queries_per_kv, config.head_size
+    kv = k.shape[0] // d
     groups = [q.reshape(kv, g, d, -1), k.reshape(kv, 1, d, -1), v.reshape(kv, 1, d, -1)]
-    return torch.cat(groups, dim=1).reshape(config.qkv_size, -1)
+    return torch.cat(groups, dim=1).reshape(kv * (g + 2) * d, -1)
 
 
 def split_wqkv(wqkv: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -262,18 +262,6 @@ class InternLM2ForCausalLM(_WithHead):
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__(config, parallel, layer_ids, with_embedding, with_head, dtype, device)
 
-    # ---- HF checkpoints (see pretrained.py)
-    @classmethod
-    def from_pretrained(cls, directory, **kwargs) -> "InternLM2ForCausalLM":
-        from internlm2.model.pretrained import load_pretrained
-
-        return load_pretrained(directory, **kwargs)
-
-    def save_pretrained(self, directory, format: str = "internlm2", **kwargs):
-        from internlm2.model.pretrained import save_pretrained
-
-        return save_pretrained(self, directory, fmt=format, **kwargs)
-
     def _make_head(self, dtype, device) -> LMHead:
         return LMHead(self.config.hidden_size, self.config.vocab_size, self.parallel, self.kernels, dtype=dtype,
                       device=device)

@@ -42,25 +42,15 @@ from torch.distributed.tensor import DTensor, Shard
 
 from internlm2.config import save_yaml
 from internlm2.errors import CheckpointError
-from internlm2.model import InternLM2ForCausalLM, InternLM2ForScore, ModelConfig
+from internlm2.model import ModelConfig
+from internlm2.model.pretrained import model_kind, shape_differences
 from internlm2.parallel import ParallelState
 from internlm2.train.engine import Engine
 
 FORMAT_VERSION = 2
 STATE_FILE, MANIFEST = "state.json", "manifest.json"
 _OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq")
-MODEL_CLASSES = {"causal_lm": InternLM2ForCausalLM, "score": InternLM2ForScore}
 MODEL_UNIT = "model"  # the unit of the one model a staged run (pretraining, SFT) trains
-# The fields that decide the parameters' shapes: a checkpoint's weights load into a model that agrees on them.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-                "num_key_value_heads", "head_size")
-
-
-def model_kind(engine: Engine) -> str:
-    for kind, cls in MODEL_CLASSES.items():
-        if isinstance(engine.chunks[0], cls):
-            return kind
-    raise TypeError(f"no checkpoint kind for model class {type(engine.chunks[0]).__name__}")
 
 
 def _global(tensor: torch.Tensor, param: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
@@ -105,7 +95,7 @@ def save(directory: Path, units: dict[str, Engine], loop_state: dict, run_config
             "format": FORMAT_VERSION,
             "world_size": parallel.world_size,
             "loop": loop_state,
-            "units": {name: {"kind": model_kind(e), "model_config": e.model_config.to_dict(),
+            "units": {name: {"kind": model_kind(e.chunks[0]), "model_config": e.model_config.to_dict(),
                              "optimizer_step": e.optimizer.step_count if e.optimizer is not None else None}
                       for name, e in units.items()},
         }
@@ -181,9 +171,7 @@ def load_weights(directory: Path, unit: str, chunks, parallel: ParallelState) ->
     if problem is not None:
         raise CheckpointError(f"init_from {directory}: {problem}")
     _, saved = unit_config(directory, unit)
-    model = chunks[0].config
-    differ = [f"{f} {getattr(saved, f)} (model: {getattr(model, f)})" for f in SHAPE_FIELDS
-              if getattr(saved, f) != getattr(model, f)]
+    differ = shape_differences(saved, chunks[0].config)
     if differ:
         raise CheckpointError(f"init_from {directory}: unit {unit!r} has another model shape: {', '.join(differ)}")
     with single_process_quiet():

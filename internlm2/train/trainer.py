@@ -27,7 +27,7 @@ from internlm2.constants import DTYPES, IGNORE_INDEX
 from internlm2.data import Tokenizer
 from internlm2.data.packing import pad_pieces
 from internlm2.errors import CheckpointError, UserError
-from internlm2.model import InternLM2ForCausalLM
+from internlm2.model import InternLM2ForCausalLM, load_into
 from internlm2.model.heads import BackboneOutput
 from internlm2.train import checkpoint as ckpt
 from internlm2.train.checkpoint_dir import CheckpointDirectory, check_writable
@@ -120,19 +120,8 @@ class Trainer:
             self._load_hf(chunks)
 
     def _load_hf(self, chunks) -> None:
-        """`init_from`'s weights into this rank's chunks."""
-        from internlm2.model.pretrained import load_pretrained
-        from internlm2.parallel import load_full_state_dict
-
-        directory = self.cfg.init_from
-        source = load_pretrained(directory, dtype=torch.float32, device="cpu")
-        if source.config.vocab_size != chunks[0].config.vocab_size:
-            raise UserError(f"init_from {directory}: vocabulary {source.config.vocab_size} != model.vocab_size "
-                            f"{chunks[0].config.vocab_size}")
-        full = source.state_dict()
-        for chunk in chunks:
-            names = dict(chunk.named_parameters())
-            load_full_state_dict(chunk, {k: v.to(self.device) for k, v in full.items() if k in names}, self.parallel)
+        """`init_from`'s weights into this rank's chunks: each rank streams its own tensor-parallel shards."""
+        load_into(chunks, self.cfg.init_from, self.parallel, config=chunks[0].config)
 
     # ---- the run --------------------------------------------------------------------------------
     def run(self) -> TrainerState:

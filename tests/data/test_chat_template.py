@@ -1,20 +1,19 @@
 """The chat template of an HF export: `transformers.AutoTokenizer.from_pretrained(export).apply_chat_template`
 gives exactly the token ids of our own ChatML rendering (`render`), tool calls and environment results
 included, with InternLM2's real tokenizer and with a demo tokenizer. The oracle is transformers' own
-tokenizer and Jinja; the exported tokenizer files are as InternLM2's released ones (chat tokens named at
-their ids)."""
+tokenizer and Jinja on the exported tokenizer files."""
 
 import json
 
 import pytest
 import torch
-from sentencepiece import sentencepiece_model_pb2
 
-from internlm2.data import Message, Tokenizer, render
+from internlm2.data import Message, Tokenizer, hf_tokenizer_files, render
 from internlm2.data.chat import tool_call_text
 from internlm2.data.chat_template import CHAT_TEMPLATE
 from internlm2.model.pretrained import full_parameter_shapes, write_pretrained
 from tests.data.conftest import REAL_TOKENIZER
+from tests.test_model_hf_release_format import RELEASED_CHAT_TEMPLATE
 from tests.test_model_support import tiny_config
 
 SCHEMA = '[{"name": "calculator", "parameters": {"expression": "string"}}]'
@@ -35,32 +34,6 @@ CONVERSATIONS = {
 }
 
 
-def _added(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-            "special": True}
-
-
-def hf_tokenizer_directory(tokenizer: Tokenizer, directory):
-    """The tokenizer files of an InternLM2 release: tokenizer.model with each chat token's piece named as
-    the token (InternLM2's raw model keeps spare names there) and a tokenizer_config.json naming the special
-    tokens at their ids, without a chat template (the export adds it)."""
-    directory.mkdir()
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(open(tokenizer.source, "rb").read())
-    for token, i in tokenizer.special_ids.items():
-        proto.pieces[i].piece = token
-    (directory / "tokenizer.model").write_bytes(proto.SerializeToString())
-    special = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>", 0: "<unk>",
-               **{i: t for t, i in tokenizer.special_ids.items()}}
-    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>",
-              "additional_special_tokens": list(tokenizer.special_ids), "add_bos_token": True,
-              "add_eos_token": False, "add_prefix_space": False, "legacy": False,
-              "added_tokens_decoder": {str(i): _added(t) for i, t in sorted(special.items())},
-              "clean_up_tokenization_spaces": False, "tokenizer_class": "LlamaTokenizer"}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
-
-
 @pytest.fixture(params=["demo", "real"])
 def tokenizer(request, small_tokenizer):
     if request.param == "demo":
@@ -75,8 +48,7 @@ def exported(tokenizer: Tokenizer, tmp_path):
     config = tiny_config(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32, num_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
     tensors = ((name, torch.zeros(shape)) for name, shape in full_parameter_shapes(config).items())
-    return write_pretrained(tmp_path / "export", config, tensors,
-                            source_directory=hf_tokenizer_directory(tokenizer, tmp_path / "tokenizer"))
+    return write_pretrained(tmp_path / "export", config, tensors, tokenizer_files=hf_tokenizer_files(tokenizer))
 
 
 def ids_of(encoded) -> list[int]:
@@ -107,9 +79,6 @@ def test_apply_chat_template_gives_our_rendering(tokenizer, tmp_path):
 def test_without_tools_the_template_renders_as_internlm2s_released_one(tmp_path):
     from transformers import AutoTokenizer
 
-    released = ("{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
-                "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-                "{{ '<|im_start|>assistant\n' }}{% endif %}")
     if not REAL_TOKENIZER.is_file():
         pytest.skip(f"InternLM2's tokenizer.model is not at {REAL_TOKENIZER}")
     theirs = AutoTokenizer.from_pretrained(exported(Tokenizer.load(REAL_TOKENIZER), tmp_path))
@@ -117,7 +86,7 @@ def test_without_tools_the_template_renders_as_internlm2s_released_one(tmp_path)
         messages = as_dicts(CONVERSATIONS["multi_turn"])
         assert (theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
                 == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                              chat_template=released))
+                                              chat_template=RELEASED_CHAT_TEMPLATE))
 
 
 def test_render_keeps_the_header_newline_out_of_the_loss(tokenizer):

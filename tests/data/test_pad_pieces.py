@@ -1,5 +1,6 @@
 """pad_pieces: context parallelism's padding of packed pieces leaves the loss over real tokens unchanged."""
 
+import pytest
 import torch
 
 from internlm2.data.packing import IGNORE_INDEX, pad_pieces
@@ -40,3 +41,12 @@ def test_loss_over_real_tokens_is_unchanged():
         return model(x["input_ids"], cu_seqlens=x["cu_seqlens"], labels=x["labels"], loss_reduction="sum").loss
 
     torch.testing.assert_close(loss(padded), loss(b), rtol=1e-6, atol=1e-5)
+
+
+def test_other_per_token_tensors_are_padded_with_their_fill():
+    b = batch([5, 3])
+    b["slots"] = torch.tensor([-1, -1, -1, -1, 0, -1, -1, 1])  # a reward model's scored tokens
+    out = pad_pieces(b, 4, 4, pad_id=0, fills={"slots": -1})
+    assert out["slots"].tolist() == [-1, -1, -1, -1, 0, -1, -1, -1, -1, -1, 1, -1]
+    with pytest.raises(ValueError, match=r"no fill value for the per-token tensor\(s\) \['slots'\]"):
+        pad_pieces(b, 4, 4, pad_id=0)
