@@ -159,7 +159,8 @@ def parse_tool_calls(content: str, where: str = "message") -> list[ToolCall]:
             raise ChatFormatError(f"{where}: the plugin call is not JSON ({e})") from None
         if not (isinstance(call, dict) and isinstance(call.get("name"), str)
                 and isinstance(call.get("parameters", {}), dict)):
-            raise ChatFormatError(f'{where}: a plugin call is {{"name": str, "parameters": {{...}}}}, got {body[:80]!r}')
+            raise ChatFormatError(f'{where}: a plugin call is {{"name": str, "parameters": {{...}}}}, '
+                                  f"got {body[:80]!r}")
         calls.append(ToolCall(tool, call["name"], call.get("parameters", {})))
     return calls
 

@@ -150,9 +150,10 @@ class ConversationPackedDataset(Dataset):
                                       f"a conversation of {lengths[i]} tokens truncated to seq_len={seq_len} keeps "
                                       f"no trained assistant token (train_on={train_on})")
         self.conversations = np.flatnonzero(keep)
-        if not self.conversations.size:
-            raise DataError(f"{prepared.path}: no conversation fits in rows of {seq_len} tokens "
-                            f"({len(long)} of {len(lengths)} are longer; overlong={overlong})\n{self.skips.summary()}")
+        if not self.conversations.size:  # nothing to train on: stop before training, saying why
+            why = "overlong=drop drops them" if overlong == "drop" else "truncated, none keeps a trained token"
+            raise DataError(f"{prepared.path}: no conversation to train on in rows of {seq_len} tokens: all "
+                            f"{len(lengths)} are longer, and {why}")
         kept = np.minimum(lengths[self.conversations], seq_len)
         plan = (first_fit if packing == "first_fit" else best_fit)(kept, seq_len)
         self._row_starts = np.cumsum([0] + [len(b) for b in plan])

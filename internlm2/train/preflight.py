@@ -3,8 +3,9 @@
 `plan_run(cfg)` resolves the model configuration (`init_from`'s when given, see init_from.py; else its
 vocabulary from the tokenizer, padded for the layout), the parallel layout against the launcher's world
 size and the model's shape, each stage's batch arithmetic against the layout, the held-out set against
-the data-parallel size, and every path the run reads (the tokenizer: `data.tokenizer`, else init_from's). A problem raises `ConfigError` naming its cause (`parallel.tp=3 ...`, not a later `dp=0`), which
-the CLI prints as one line, within a second of starting.
+the data-parallel size, and every path the run reads (the tokenizer: `data.tokenizer`, else init_from's).
+A problem raises `ConfigError` naming its cause (`parallel.tp=3 ...`, not a later `dp=0`), which the CLI
+prints as one line, within a second of starting.
 """
 
 from __future__ import annotations

@@ -138,7 +138,8 @@ def test_too_long_conversations_are_dropped_or_named_when_nothing_is_left_to_tra
     assert "sft.jsonl:3" in skipped.skips.summary()
     dropped = ConversationPackedDataset(prepared, 64, pad_id=pad, overlong="drop")
     assert (dropped.report["dropped"], dropped.report["conversations"]) == (2, 2)
-    with pytest.raises(DataError, match="no conversation fits in rows of 4 tokens"):
+    with pytest.raises(DataError, match="no conversation to train on in rows of 4 tokens: all 4 are longer, and "
+                                        "overlong=drop"):
         ConversationPackedDataset(prepared, 4, pad_id=pad, overlong="drop")
 
 

@@ -1,8 +1,8 @@
-"""`internlm2 sft` end to end on a tiny pretrained model: through the CLI it learns the demo tasks mixed
-with pretraining text, reports its packing, exports with the chat template and scores the tasks before and
-after; it resumes after SIGKILL bit for bit; it starts from a pretraining checkpoint's weights only (and
-from one process's checkpoint on tp=2, matching one process); bad inputs stop it before training with one
-line."""
+"""`internlm2 sft` end to end on a tiny pretrained model: through the CLI it learns the demo tasks, reports
+its packing, exports with the chat template and scores the tasks before and after; on the tasks mixed with
+pretraining text it resumes after SIGKILL bit for bit, and runs from one process's pretraining checkpoint
+(weights only) on tp/dp/cp/pp layouts exactly as on one process; bad inputs stop it before training with
+one line."""
 
 import json
 import os
@@ -97,7 +97,8 @@ def test_a_stage_mixes_conversations_with_pretraining_rows(data_dir, pretrained,
 
 def test_sft_sigkill_then_resume_is_bitwise_identical(data_dir, pretrained, tmp_path):
     reference = tmp_path / "reference"
-    assert sft_cli(write_config(sft_config(data_dir, reference, pretrained / "hf"), tmp_path / "r.yaml")).returncode == 0
+    config = write_config(sft_config(data_dir, reference, pretrained / "hf"), tmp_path / "r.yaml")
+    assert sft_cli(config).returncode == 0
     interrupted = tmp_path / "interrupted"
     config = write_config(sft_config(data_dir, interrupted, pretrained / "hf"), tmp_path / "i.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "internlm2.cli", "sft", "--config", str(config)], cwd=ROOT,
@@ -121,24 +122,42 @@ def test_init_from_a_checkpoint_takes_its_weights_only(data_dir, pretrained, tmp
     assert trainer.tokenizer.fingerprint == Tokenizer.load(data_dir / "tokenizer").fingerprint
 
 
-def test_tp2_run_from_a_one_process_checkpoint_matches_one_process(data_dir, pretrained, tmp_path):
+LAYOUT_RUN = {"stages.0.steps": 3, "eval.every": 3, "eval.rows": 4}
+
+
+@pytest.fixture(scope="module")
+def single_from_checkpoint(data_dir, pretrained, tmp_path_factory):
+    """SFT on one process from the pretraining run's checkpoint: the reference for the layouts."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
     checkpoint = sorted((pretrained / "checkpoints").glob("step_*"))[-1]
-    overrides = {"stages.0.steps": 3, "eval.every": 3}
-    single = tmp_path / "single"
-    assert sft_cli(write_config(sft_config(data_dir, single, checkpoint, **overrides), tmp_path / "s.yaml")).returncode == 0
-    tp2 = tmp_path / "tp2"
-    cfg = sft_config(data_dir, tp2, checkpoint, parallel={"tp": 2, "sequence_parallel": True}, **overrides)
-    result = sft_cli(write_config(cfg, tmp_path / "t.yaml"), nproc=2)
+    result = sft_cli(write_config(sft_config(data_dir, run_dir, checkpoint, **LAYOUT_RUN), run_dir.parent / "c.yaml"))
     assert result.returncode == 0, result.stderr[-4000:]
-    expected, got = losses(single), losses(tp2)
-    assert sorted(got) == sorted(expected) == [1, 2, 3]
-    assert all(abs(got[s] - expected[s]) < 1e-5 for s in expected), (got, expected)
+    return run_dir
+
+
+@pytest.mark.parametrize("layout", [
+    {"tp": 2, "sequence_parallel": True}, {"dp": 2}, {"cp": 2}, {"pp": 2, "virtual_stages": 2},
+], ids=["tp2-sp", "dp2-zero1", "cp2", "pp2-v2"])
+def test_two_rank_runs_from_a_one_process_checkpoint_match_one_process(data_dir, pretrained, single_from_checkpoint,
+                                                                       tmp_path, layout):
+    """The one-process checkpoint resharded into each layout on load; training and held-out losses (the
+    mixture of conversations and pretraining rows) equal one process's."""
+    checkpoint = sorted((pretrained / "checkpoints").glob("step_*"))[-1]
+    cfg = sft_config(data_dir, tmp_path / "run", checkpoint, parallel=layout, **LAYOUT_RUN)
+    result = sft_cli(write_config(cfg, tmp_path / "c.yaml"), nproc=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for key in ("loss", "eval_loss"):
+        expected, got = metric(single_from_checkpoint, key), metric(tmp_path / "run", key)
+        assert sorted(got) == sorted(expected) and expected, (key, got, expected)
+        assert all(abs(got[s] - expected[s]) < 1e-5 for s in expected), (key, got, expected)
 
 
 @pytest.mark.parametrize("change,message", [
     ({"init_from": "/nonexistent"}, "init_from: /nonexistent is neither an HF checkpoint directory"),
-    ({"stages.0.seq_len": 16, "sft.overlong": "drop"}, "no conversation fits in rows of 16 tokens"),
-    ({"stages.0.seq_len": 60}, r"tasks_train\.jsonl:\d+: a conversation of \d+ tokens truncated to seq_len=60 keeps no"),
+    ({"stages.0.seq_len": 16, "sft.overlong": "drop"},
+     "no conversation to train on in rows of 16 tokens: all 48 are longer"),
+    ({"stages.0.seq_len": 60},
+     r"tasks_train\.jsonl:\d+: a conversation of \d+ tokens truncated to seq_len=60 keeps no"),
     ({"sft.train_on": "first"}, "sft.train_on: 'first' is not one of"),
     ({"data.tasks": None, "data.train": []}, "data.train: give at least one prepared dataset"),
 ])
