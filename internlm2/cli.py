@@ -19,6 +19,8 @@ from internlm2.errors import UserError
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("internlm2.train.pretrain_command", "train a run of stages from a YAML config (resumes automatically)"),
+    "sft": ("internlm2.train.sft_command", "supervised fine-tuning on ChatML data (YAML config, resumes)"),
+    "chat": ("internlm2.chat.command", "chat with an HF checkpoint (streaming, tools) or answer a JSONL of chats"),
     "export": ("internlm2.train.export", "write a training checkpoint as an HF checkpoint (InternLM2 or Llama layout)"),
     "env": ("internlm2.env", "versions, how the extension was built, and which kernels each op has"),
     "plot": ("internlm2.train.plot", "draw a run's loss, learning-rate and throughput curves to a PNG"),

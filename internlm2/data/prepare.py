@@ -167,7 +167,7 @@ def _write_text_docs(writer: ShardWriter, spans, options: PrepareOptions, tokeni
 
 
 def _write_chat_docs(writer: ShardWriter, spans, tokenizer: Tokenizer, skips: Skips):
-    for span in spans:
+    for k, span in enumerate(spans):
         for where, record in read_records(span, skips):
             if not isinstance(record, dict) or "messages" not in record:
                 skips.record("no_messages", str(where), 'record has no "messages" field')
@@ -177,7 +177,7 @@ def _write_chat_docs(writer: ShardWriter, spans, tokenizer: Tokenizer, skips: Sk
             except ChatFormatError as e:
                 skips.record("bad_conversation", str(where), str(e).removeprefix(f"{where}: "))
                 continue
-            writer.add(ids, mask)
+            writer.add(ids, mask, (k, where.offset))
 
 
 def prepare_shard(out: Path, entry: dict, options: PrepareOptions, fail: bool) -> dict:
