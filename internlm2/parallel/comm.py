@@ -129,3 +129,11 @@ def recv(tensor: torch.Tensor, src: int, group, timeout: datetime.timedelta) -> 
     """Blocking receive from global rank `src` into `tensor`; raises after `timeout`."""
     dist.irecv(tensor, src=src, group=group).wait(timeout)
     return tensor
+
+
+def exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group) -> list:
+    """Starts sending `send` to global rank `dst` while receiving into `recv` from global rank `src`;
+    returns the works to wait (keep both tensors alive until then). One batched call, so NCCL cannot
+    deadlock when every rank sends and receives at once, even when dst == src."""
+    _record("send", group, send)
+    return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, dst, group), dist.P2POp(dist.irecv, recv, src, group)])
