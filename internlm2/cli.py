@@ -1,7 +1,8 @@
 """`internlm2 <command>`: every user-facing entry point.
 
-Each command lives in its own module with `add_arguments(parser)` and `run(args) -> int | None`; only the
-chosen command's module is imported, so `internlm2 --help` is instant.
+Each command lives in its own module with `add_arguments(parser)` and `run(args) -> int | None`, or is a
+group whose module has its own `COMMANDS` table (`internlm2 eval TASK`); only the chosen command's module
+is imported, so `internlm2 --help` is instant.
 """
 
 import argparse
@@ -18,30 +19,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("internlm2.model.generate_command", "continue prompts with an HF checkpoint (KV-cache decoding)"),
     "train-tokenizer": ("internlm2.data.train_tokenizer_cli", "train a SentencePiece BPE tokenizer with chat tokens"),
     "prepare-data": ("internlm2.data.prepare_data_cli", "tokenize a corpus (text, JSONL, chat) into token shards"),
+    "eval": ("internlm2.eval", "long-context evaluations of an HF checkpoint: needle, passkey, perplexity by position"),
 }
 
 
-def _command_list() -> str:
-    width = max(map(len, COMMANDS))
-    return "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
+def _command_list(commands: dict) -> str:
+    width = max(map(len, commands))
+    return "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in commands.items())
+
+
+def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], argv: list[str]) -> int:
+    """Parses `COMMAND ARGS...` against `commands` and runs the chosen command (or command group)."""
+    top = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"commands:\n{_command_list(commands)}\n\nRun `{prog} COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("command", choices=sorted(commands), metavar="COMMAND")
+    top.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    ns = top.parse_args(argv)
+    module_name, help_ = commands[ns.command]
+    module = importlib.import_module(module_name)
+    if hasattr(module, "COMMANDS"):
+        return dispatch(f"{prog} {ns.command}", help_, module.COMMANDS, ns.args)
+    parser = argparse.ArgumentParser(prog=f"{prog} {ns.command}", description=help_)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(ns.args)) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    top = argparse.ArgumentParser(
-        prog="internlm2",
-        description="Train InternLM2-family models.",
-        epilog=f"commands:\n{_command_list()}\n\nRun `internlm2 COMMAND --help` for a command's options.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    top.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
-    top.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    ns = top.parse_args(argv)
-    module_name, help_ = COMMANDS[ns.command]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"internlm2 {ns.command}", description=help_)
-    module.add_arguments(parser)
-    return int(module.run(parser.parse_args(ns.args)) or 0)
+    return dispatch("internlm2", "Train InternLM2-family models.", COMMANDS, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
