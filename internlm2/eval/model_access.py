@@ -58,7 +58,12 @@ class Checkpoint:
             config = config.replace(rope_scaling_factor=None if args.ntk == "off" else args.ntk)
         self.config = config
         self.dtype = getattr(torch, args.dtype or stored or "float32")
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as err:
+            raise EvalError(f"--device {args.device}: {err}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise EvalError(f"--device {args.device}: no CUDA device is available")
         self.tokenizer = self._tokenizer()
 
     def _tokenizer(self):

@@ -94,6 +94,10 @@ def _error(capsys, *argv) -> str:
 def test_bad_input_gets_one_line_naming_it(tiny_checkpoint, small_tokenizer, tmp_path, capsys):
     model = ["--model", tiny_checkpoint]
     assert "--model /nowhere/model: no such directory" in _error(capsys, "passkey", "--model", "/nowhere/model")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    assert f"--model {bare}: no tokenizer.model" in _error(capsys, "needle", "--model", bare)
     assert "depth 150 is outside [0, 100]" in _error(capsys, "passkey", *model, "--lengths", 128, "--depths", "0,150")
     assert "length 20 is shorter than the needle and question alone" in _error(
         capsys, "passkey", *model, "--lengths", "20,128")
