@@ -25,11 +25,11 @@ from benchmarks.harness import RESULTS_DIR, Report, load_note, machine_tag
 
 RUNS = Path("runs")
 PASSKEY_RUN = RUNS / "tiny-passkey"
-SHORT_CHECKPOINT = PASSKEY_RUN / "checkpoints" / "step_320"  # the end of the short stage (320 steps)
+RETRIEVAL_CHECKPOINT = PASSKEY_RUN / "checkpoints" / "step_00000560"  # the end of the 256-token stages
 LENGTHS = "256,512,1024,2048,4096"  # 4 x the long stage's 1024
 DEPTHS = "0,25,50,75,100"
 VARIANTS = {  # name: (HF checkpoint, --ntk, what it is)
-    "a": (PASSKEY_RUN / "hf-short", "off", "short stage only (256 tokens, base 10k)"),
+    "a": (PASSKEY_RUN / "hf-short", "off", "256-token stages only (base 10k)"),
     "b": (RUNS / "tiny-passkey-base10k" / "hf", "off", "+ long stage (1024 tokens), base kept at 10k"),
     "c": (PASSKEY_RUN / "hf", "off", "+ long stage, base raised to 100k (the tiny default's curriculum)"),
     "d": (PASSKEY_RUN / "hf", "2", "(c) + dynamic NTK (factor 2) at inference"),
@@ -54,16 +54,16 @@ def main() -> None:
     args = parser.parse_args()
     seconds = {}
     seconds["tiny default"] = _internlm2("pretrain", "--config", "configs/tiny.yaml", output=RUNS / "tiny" / "hf")
-    for length, rows, seed in ((256, 1500, 0), (1024, 120, 1)):
+    for length, rows, seed in ((256, 5000, 0), (1024, 200, 1)):
         _internlm2("eval", "passkey-data", "--tokenizer", RUNS / "tiny/data/tokenizer", "--out",
                    RUNS / f"passkey-data/{length}", "--seq-len", length, "--rows", rows, "--seed", seed,
                    output=RUNS / f"passkey-data/{length}")
     seconds["(c) training"] = _internlm2("pretrain", "--config", "configs/tiny-passkey.yaml", output=PASSKEY_RUN / "hf")
     seconds["(b) long stage"] = _internlm2(
         "pretrain", "--config", "configs/tiny-passkey.yaml", "--set", "run_dir=runs/tiny-passkey-base10k",
-        "--set", "stages.1.rope_theta=10000", "--set", f"checkpoint.load={SHORT_CHECKPOINT}",
+        "--set", "stages.2.rope_theta=10000", "--set", f"checkpoint.load={RETRIEVAL_CHECKPOINT}",
         output=RUNS / "tiny-passkey-base10k" / "hf")
-    _internlm2("export", "--checkpoint", SHORT_CHECKPOINT, "--out", VARIANTS["a"][0], "--tokenizer",
+    _internlm2("export", "--checkpoint", RETRIEVAL_CHECKPOINT, "--out", VARIANTS["a"][0], "--tokenizer",
                RUNS / "tiny/data/tokenizer", output=VARIANTS["a"][0])
     grid = ["--lengths", LENGTHS, "--depths", DEPTHS, "--repeats", args.repeats, "--no-progress"]
     out = RUNS / "long-context-eval"
@@ -85,8 +85,9 @@ def _write(out: Path, seconds: dict, repeats: int) -> None:
     report.notes += [
         f"passkey grid: lengths {LENGTHS}, depths {DEPTHS} %, {repeats} prompts per cell; greedy decoding; "
         "cells scored by exact match of the 5-digit key (partial: digits right in place)",
-        "training: configs/tiny-passkey.yaml (a quarter of every stage's rows are passkey documents of the "
-        "stage's length, `internlm2 eval passkey-data`); longest trained length 1024",
+        "training: configs/tiny-passkey.yaml (passkey documents of each stage's length, `internlm2 eval "
+        "passkey-data`, mixed by weight: 25% of the short stage, 90% of the retrieval stage, 50% of the long "
+        "stage); longest trained length 1024",
         load_note(),
         "wall seconds per step (0: reused from an earlier run): "
         + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
