@@ -24,15 +24,18 @@ from pathlib import Path
 from benchmarks.harness import RESULTS_DIR, Report, load_note, machine_tag
 
 RUNS = Path("runs")
-PASSKEY_RUN = RUNS / "tiny-passkey"
-RETRIEVAL_CHECKPOINT = PASSKEY_RUN / "checkpoints" / "step_00000560"  # the end of the 256-token stages
+FIRST_RUN = RUNS / "tiny-passkey"  # configs/tiny-passkey.yaml as written: 240 retrieval steps
+RUN = RUNS / "tiny-passkey-560"  # its retrieval stage continued to 560 steps (constant lr: the same as one run)
+LONGER = ["--set", "stages.1.steps=560"]
+RETRIEVAL_END = RUN / "checkpoints" / "step_00000880"  # the end of the 256-token stages (320 + 560 steps)
 LENGTHS = "256,512,1024,2048,4096"  # 4 x the long stage's 1024
 DEPTHS = "0,25,50,75,100"
 VARIANTS = {  # name: (HF checkpoint, --ntk, what it is)
-    "a": (PASSKEY_RUN / "hf-short", "off", "256-token stages only (base 10k)"),
-    "b": (RUNS / "tiny-passkey-base10k" / "hf", "off", "+ long stage (1024 tokens), base kept at 10k"),
-    "c": (PASSKEY_RUN / "hf", "off", "+ long stage, base raised to 100k (the tiny default's curriculum)"),
-    "d": (PASSKEY_RUN / "hf", "2", "(c) + dynamic NTK (factor 2) at inference"),
+    "a": (RUN / "hf-short", "off", "256-token stages only (base 10k)"),
+    "b": (RUNS / "tiny-passkey-560-base10k" / "hf", "off", "+ long stage (1024 tokens), base kept at 10k"),
+    "c": (RUN / "hf", "off", "+ long stage, base raised to 100k (the tiny default's curriculum)"),
+    "d": (RUN / "hf", "2", "(c) + dynamic NTK (factor 2) at inference"),
+    "c240": (FIRST_RUN / "hf", "off", "(c) after 240 retrieval steps instead of 560"),
 }
 
 
@@ -58,13 +61,15 @@ def main() -> None:
         _internlm2("eval", "passkey-data", "--tokenizer", RUNS / "tiny/data/tokenizer", "--out",
                    RUNS / f"passkey-data/{length}", "--seq-len", length, "--rows", rows, "--seed", seed,
                    output=RUNS / f"passkey-data/{length}")
-    seconds["(c) training"] = _internlm2("pretrain", "--config", "configs/tiny-passkey.yaml", output=PASSKEY_RUN / "hf")
+    seconds["first run"] = _internlm2("pretrain", "--config", "configs/tiny-passkey.yaml", output=FIRST_RUN / "hf")
+    seconds["(c) longer retrieval + long stage"] = _internlm2(
+        "pretrain", "--config", "configs/tiny-passkey.yaml", "--set", f"run_dir={RUN}", *LONGER, "--set",
+        f"checkpoint.load={FIRST_RUN}/checkpoints/step_00000560", output=RUN / "hf")
     seconds["(b) long stage"] = _internlm2(
-        "pretrain", "--config", "configs/tiny-passkey.yaml", "--set", "run_dir=runs/tiny-passkey-base10k",
-        "--set", "stages.2.rope_theta=10000", "--set", f"checkpoint.load={RETRIEVAL_CHECKPOINT}",
-        output=RUNS / "tiny-passkey-base10k" / "hf")
-    _internlm2("export", "--checkpoint", RETRIEVAL_CHECKPOINT, "--out", VARIANTS["a"][0], "--tokenizer",
-               RUNS / "tiny/data/tokenizer", output=VARIANTS["a"][0])
+        "pretrain", "--config", "configs/tiny-passkey.yaml", "--set", f"run_dir={VARIANTS['b'][0].parent}", *LONGER,
+        "--set", "stages.2.rope_theta=10000", "--set", f"checkpoint.load={RETRIEVAL_END}", output=VARIANTS["b"][0])
+    _internlm2("export", "--checkpoint", RETRIEVAL_END, "--out", VARIANTS["a"][0], "--dtype", "float32",
+               "--tokenizer", RUNS / "tiny/data/tokenizer", output=VARIANTS["a"][0])
     grid = ["--lengths", LENGTHS, "--depths", DEPTHS, "--repeats", args.repeats, "--no-progress"]
     out = RUNS / "long-context-eval"
     for name, (model, ntk, _) in VARIANTS.items():
@@ -85,9 +90,9 @@ def _write(out: Path, seconds: dict, repeats: int) -> None:
     report.notes += [
         f"passkey grid: lengths {LENGTHS}, depths {DEPTHS} %, {repeats} prompts per cell; greedy decoding; "
         "cells scored by exact match of the 5-digit key (partial: digits right in place)",
-        "training: configs/tiny-passkey.yaml (passkey documents of each stage's length, `internlm2 eval "
-        "passkey-data`, mixed by weight: 25% of the short stage, 90% of the retrieval stage, 50% of the long "
-        "stage); longest trained length 1024",
+        "training: configs/tiny-passkey.yaml with its retrieval stage continued to 560 steps (passkey documents "
+        "of each stage's length, `internlm2 eval passkey-data`, mixed by weight: 25% of the short stage, 90% of "
+        "the retrieval stage, 50% of the long stage); longest trained length 1024",
         load_note(),
         "wall seconds per step (0: reused from an earlier run): "
         + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),

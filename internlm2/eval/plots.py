@@ -27,7 +27,8 @@ def heatmaps(summary: dict, title: str, out: Path) -> Path:
     """Exact and partial match, one panel each: depth (rows, 0 at the top) by length (columns)."""
     plt = _pyplot()
     lengths, depths = summary["lengths"], summary["depths"]
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(lengths), 1.5 + 0.45 * len(depths)), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(3 + 1.6 * len(lengths), 1.5 + 0.45 * len(depths)), squeeze=False,
+                             constrained_layout=True)
     try:
         for ax, score in zip(axes[0], ("exact", "partial")):
             image = ax.imshow(summary[score], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
