@@ -16,21 +16,13 @@
 //
 // Work items run largest first from a shared counter: causal items differ in cost, and a static split
 // would leave a thread idle at the end.
-#include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <limits>
-#include <vector>
-
 #include "common/dispatch.h"
 #include "common/varlen.h"
+#include "cpu/attention.h"
 #include "cpu/kernels.h"
-#include "cpu/vec.h"
 
 namespace internlm2::cpu::CPU_CAPABILITY {
 namespace {
@@ -47,12 +39,6 @@ using attention::visible_keys;
 
 constexpr int64_t kBlockQ = 64;   // query rows per tile
 constexpr int64_t kBlockK = 256;  // keys per tile (64 x 256 measured fastest on Zen 5, fp32 and bf16)
-
-// C[m, n] (+)= A[m, k] B[k, n], float32, row-major with leading dimensions.
-inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                 int64_t ldc, bool accumulate) {
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
-}
 
 struct Dims {
   int64_t total;     // T, packed tokens
@@ -94,28 +80,6 @@ at::Tensor transposed_float(const at::Tensor& t) {
   return out;
 }
 
-struct WorkItem {
-  int64_t seq;
-  int64_t block;
-  int64_t head;
-  int64_t cost;
-};
-
-void sort_largest_first(std::vector<WorkItem>& items) {
-  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
-}
-
-// Runs every item on the thread pool; make_worker() builds one worker (with its scratch) per thread.
-template <typename MakeWorker>
-void run_items(const std::vector<WorkItem>& items, const MakeWorker& make_worker) {
-  std::atomic<int64_t> next{0};
-  const auto count = static_cast<int64_t>(items.size());
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    auto worker = make_worker();
-    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) worker(items[i]);
-  });
-}
-
 // How many of the n keys from first_key the query at position `query` sees (all of them unless the tile
 // is crossed by the causal diagonal).
 inline int64_t visible(bool partial, int64_t query, int64_t first_key, int64_t n, bool causal) {
@@ -140,12 +104,12 @@ struct Forward {
 
   auto make_worker() const {
     return [this, s = std::vector<float>(kBlockQ * kBlockK), acc = std::vector<float>(kBlockQ * dims.dim),
-            row_max = std::vector<float>(kBlockQ), row_sum = std::vector<float>(kBlockQ)](const WorkItem& item) mutable {
-      run(item, s.data(), acc.data(), row_max.data(), row_sum.data());
+            rows = std::vector<SoftmaxRow>(kBlockQ)](const WorkItem& item) mutable {
+      run(item, s.data(), acc.data(), rows.data());
     };
   }
 
-  void run(const WorkItem& item, float* s, float* acc, float* row_max, float* row_sum) const {
+  void run(const WorkItem& item, float* s, float* acc, SoftmaxRow* rows) const {
     const auto [total, Hq, Hkv, D] = dims;
     const SeqSpan span = sequence_span(cu_seqlens, item.seq, total);
     const int64_t h = item.head, hk = kv_head_of(h, Hq, Hkv);
@@ -153,8 +117,7 @@ struct Forward {
     const float* q_tile = q + token_head_offset(span.start + i0, h, Hq, D);
     const float* kt_head = kt + hk * D * total + span.start;
     const float* v_head = v + token_head_offset(span.start, hk, Hkv, D);
-    std::fill(row_max, row_max + m, -std::numeric_limits<float>::infinity());
-    std::fill(row_sum, row_sum + m, 0.f);
+    std::fill(rows, rows + m, SoftmaxRow{});
     std::fill(acc, acc + m * D, 0.f);
 
     const int64_t key_end = attention::key_end_for_queries(i0 + m, span.length, causal);
@@ -163,51 +126,14 @@ struct Forward {
       gemm(m, n, D, q_tile, Hq * D, kt_head + j0, total, s, kBlockK, false);
       const bool partial = tile_mask(i0, i0 + m, j0, j0 + n, causal) == TileMask::kPartial;
       for (int64_t r = 0; r < m; ++r) {
-        float* sr = s + r * kBlockK;
-        const int64_t cnt = visible(partial, i0 + r, j0, n, causal);
-        if (cnt == 0) {  // a causal row before this block's first key
-          zero_tail(sr, 0, n);
-          continue;
-        }
-        fVec vmax(-std::numeric_limits<float>::infinity());
-        for (int64_t c = 0; c < cnt; c += kFloatLanes) {
-          const int64_t w = std::min(kFloatLanes, cnt - c);
-          const fVec x = fVec::loadu(sr + c, w) * fVec(scale);
-          x.store(sr + c, w);
-          vmax = at::vec::maximum(vmax, w == kFloatLanes ? x : fVec::set(vmax, x, w));
-        }
-        const float new_max = std::max(row_max[r], max_lanes(vmax));
-        fVec vsum(0.f);
-        for (int64_t c = 0; c < cnt; c += kFloatLanes) {
-          const int64_t w = std::min(kFloatLanes, cnt - c);
-          const fVec p = (fVec::loadu(sr + c, w) - fVec(new_max)).exp_u20();
-          p.store(sr + c, w);
-          vsum = vsum + (w == kFloatLanes ? p : fVec::set(fVec(0.f), p, w));
-        }
-        zero_tail(sr, cnt, n);
-        const float alpha = std::exp(row_max[r] - new_max);
-        row_sum[r] = row_sum[r] * alpha + sum_lanes(vsum);
-        row_max[r] = new_max;
-        if (alpha != 1.f) {
-          float* ar = acc + r * D;
-          for (int64_t d = 0; d < D; d += kFloatLanes) {
-            const int64_t w = std::min(kFloatLanes, D - d);
-            (fVec::loadu(ar + d, w) * fVec(alpha)).store(ar + d, w);
-          }
-        }
+        online_softmax_step(s + r * kBlockK, visible(partial, i0 + r, j0, n, causal), n, scale, rows[r], acc + r * D, D);
       }
       gemm(m, D, n, s, kBlockK, v_head + j0 * Hkv * D, Hkv * D, acc, D, true);
     }
 
     for (int64_t r = 0; r < m; ++r) {
-      const float inv = 1.f / row_sum[r];
-      const float* ar = acc + r * D;
-      T* o = out + token_head_offset(span.start + i0 + r, h, Hq, D);
-      for (int64_t d = 0; d < D; d += kFloatLanes) {
-        const int64_t w = std::min(kFloatLanes, D - d);
-        store_float(o + d, fVec::loadu(ar + d, w) * fVec(inv), w);
-      }
-      lse[lse_offset(h, span.start + i0 + r, total)] = row_max[r] + std::log(row_sum[r]);
+      lse[lse_offset(h, span.start + i0 + r, total)] =
+          finish_softmax_row(acc + r * D, rows[r], D, out + token_head_offset(span.start + i0 + r, h, Hq, D));
     }
   }
 };
@@ -339,13 +265,12 @@ void flash_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, co
       for (int64_t h = 0; h < dims.heads_q; ++h) items.push_back({seq.seq, block, h, keys});
     }
   }
-  sort_largest_first(items);
   const at::Tensor qf = as_float(q), kt = transposed_float(k), vf = as_float(v);
   INTERNLM2_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
     const Forward<scalar_t> fwd{qf.const_data_ptr<float>(), kt.const_data_ptr<float>(), vf.const_data_ptr<float>(),
                                 out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), cu_seqlens, dims,
                                 causal, static_cast<float>(softmax_scale)};
-    run_items(items, [&] { return fwd.make_worker(); });
+    run_largest_first(items, [&] { return fwd.make_worker(); });
   });
 }
 
@@ -359,7 +284,6 @@ void flash_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
   for (const WorkItem& seq : sequences(cu_seqlens, num_seqs, dims.total)) {
     for (int64_t hk = 0; hk < dims.heads_kv; ++hk) items.push_back({seq.seq, 0, hk, seq.cost});
   }
-  sort_largest_first(items);
   // Keys of empty sequences get no item; their gradients (there are none: such sequences have no
   // tokens) need no zeroing, but dQ accumulates and starts at zero.
   at::Tensor dq = grad_q.scalar_type() == at::kFloat ? grad_q.zero_() : at::zeros(q.sizes(), q.options().dtype(at::kFloat));
@@ -376,7 +300,7 @@ void flash_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
                                  delta.const_data_ptr<float>(), dq.mutable_data_ptr<float>(),
                                  grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(),
                                  cu_seqlens, dims, causal, static_cast<float>(softmax_scale)};
-    run_items(items, [&] { return bwd.make_worker(); });
+    run_largest_first(items, [&] { return bwd.make_worker(); });
   });
   if (!dq.is_same(grad_q)) grad_q.copy_(dq);
 }

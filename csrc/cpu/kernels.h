@@ -25,6 +25,9 @@
                                        const float* grad_lse, const int32_t* cu_seqlens, int64_t num_seqs, \
                                        bool causal, double softmax_scale, at::Tensor& grad_q,          \
                                        at::Tensor& grad_k, at::Tensor& grad_v);                        \
+  void kv_cache_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, \
+                                 const int32_t* k_lengths, const int32_t* cu_seqlens_q, bool causal,         \
+                                 double softmax_scale, at::Tensor& out, at::Tensor& lse);                     \
   void cross_entropy_chunk_kernel(at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,  \
                                   double z_loss_weight, const float* grad_scale, bool per_row_scale,   \
                                   at::Tensor& loss, at::Tensor& lse);                                  \

@@ -6,6 +6,7 @@ device), fake (meta) and autograd registrations so it works under torch.compile 
 """
 
 from internlm2.ops.flash_attention import flash_attention, flash_attention_reference
+from internlm2.ops.kv_cache_attention import kv_cache_attention, kv_cache_attention_reference
 from internlm2.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from internlm2.ops.rms_norm import rms_norm, rms_norm_reference
 from internlm2.ops.rope import (
@@ -23,6 +24,8 @@ __all__ = [
     "apply_rope_reference",
     "flash_attention",
     "flash_attention_reference",
+    "kv_cache_attention",
+    "kv_cache_attention_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "rms_norm",
