@@ -4,15 +4,19 @@
 //
 // Forward: one work item per (sequence, query head, block of kBlockQ queries). It walks the visible key
 // blocks with an online softmax (running row max and sum, rescaling the float32 output accumulator), so
-// no more than one kBlockQ x kBlockK score tile exists per thread. Matmuls are ATen's fp32 brgemm on
-// tiles; inputs of other dtypes are converted to float32 once, and keys are pre-transposed to [Hkv, D, T]
-// so every tile product is a plain row-major GEMM.
+// no more than one kBlockQ x kBlockK score tile exists per thread.
 //
 // Backward (FlashAttention-2's algorithm): one work item per (sequence, KV head). It owns dK/dV of its
 // key blocks, summed over the whole query group in float32 accumulators (GQA without repeated K/V), and
 // dQ of the group's query heads for its sequence, so threads never share an output and the result is
 // deterministic. Per tile: S = Q K^T, P = exp(S * scale - lse), dP = dO V^T,
 // dS = P (dP - delta) * scale with delta = rowsum(dO * O) - grad_lse; dV += P^T dO, dK += dS^T Q, dQ += dS K.
+// A tile crossed by the causal diagonal stops at the last key its queries see.
+//
+// The tile products come from a `Products` policy that owns the operand layouts, built once per call:
+// float32 brgemms on every instruction set (inputs converted to float32, K, V, Q, dO transposed to
+// [H, D, T] so each product is row-major), and in the AVX512_BF16 build bf16 dot products for bf16 inputs
+// (bf16_gemm.h: operands stay bf16, P and dS are rounded to bf16 per tile, accumulation in float32).
 //
 // Work items run largest first from a shared counter: causal items differ in cost, and a static split
 // would leave a thread idle at the end.
@@ -23,6 +27,9 @@
 #include "common/varlen.h"
 #include "cpu/attention.h"
 #include "cpu/kernels.h"
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+#include "cpu/bf16_gemm.h"
+#endif
 
 namespace internlm2::cpu::CPU_CAPABILITY {
 namespace {
@@ -50,22 +57,22 @@ struct Dims {
 // t itself when already float32, else a float32 copy (the kernels compute in float32).
 at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
-// [T, H, D] -> float32 [H, D, T]: the per-head transposed copy that turns Q K^T, dO V^T, P^T dO and
+// [T, H, D] -> [H, D, ld_dst >= T]: the per-head transposed copy that turns Q K^T, dO V^T, P^T dO and
 // dS^T Q into row-major tile products. Blocks of kTransposeTokens rows are read into L1 once and written
 // out as D contiguous runs (a generic strided copy is several times slower).
 constexpr int64_t kTransposeTokens = 64;
 
-template <typename T>
-void transpose_tokens(const T* src, int64_t tokens, int64_t heads, int64_t dim, float* dst) {
+template <typename In, typename Out>
+void transpose_tokens(const In* src, int64_t tokens, int64_t heads, int64_t dim, Out* dst, int64_t ld_dst) {
   const int64_t blocks = ceil_div(tokens, kTransposeTokens);
   at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       const int64_t h = job / blocks, t0 = (job % blocks) * kTransposeTokens;
       const int64_t n = std::min(kTransposeTokens, tokens - t0);
-      const T* in = src + token_head_offset(t0, h, heads, dim);
+      const In* in = src + token_head_offset(t0, h, heads, dim);
       for (int64_t d = 0; d < dim; ++d) {
-        float* out = dst + (h * dim + d) * tokens + t0;
-        for (int64_t t = 0; t < n; ++t) out[t] = static_cast<float>(in[t * heads * dim + d]);
+        Out* out = dst + (h * dim + d) * ld_dst + t0;
+        for (int64_t t = 0; t < n; ++t) out[t] = static_cast<Out>(in[t * heads * dim + d]);
       }
     }
   });
@@ -74,8 +81,8 @@ void transpose_tokens(const T* src, int64_t tokens, int64_t heads, int64_t dim, 
 at::Tensor transposed_float(const at::Tensor& t) {
   at::Tensor out = at::empty({t.size(1), t.size(2), t.size(0)}, t.options().dtype(at::kFloat));
   INTERNLM2_DISPATCH_FLOAT_TYPES(t.scalar_type(), "flash_attention_transpose_cpu", [&] {
-    transpose_tokens<scalar_t>(t.const_data_ptr<scalar_t>(), t.size(0), t.size(1), t.size(2),
-                               out.mutable_data_ptr<float>());
+    transpose_tokens(t.const_data_ptr<scalar_t>(), t.size(0), t.size(1), t.size(2), out.mutable_data_ptr<float>(),
+                     t.size(0));
   });
   return out;
 }
@@ -90,11 +97,130 @@ inline void zero_tail(float* row, int64_t from, int64_t to) { std::fill(row + fr
 
 // ---------------------------------------------------------------------------------------------- forward
 
-template <typename T>
+// The forward's two tile products in float32, on every instruction set: Q and V converted to float32, K
+// also transposed to [Hkv, D, T], so both are row-major brgemms.
+struct Fp32ForwardProducts {
+  at::Tensor q_, kt_, v_;
+  const float *q, *kt, *v;
+  Dims dims;
+
+  Fp32ForwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const Dims& d)
+      : q_(as_float(q_in)), kt_(transposed_float(k_in)), v_(as_float(v_in)), q(q_.const_data_ptr<float>()),
+        kt(kt_.const_data_ptr<float>()), v(v_.const_data_ptr<float>()), dims(d) {}
+
+  struct Scratch {};
+  Scratch make_scratch() const { return {}; }
+
+  // s [m, n] (leading dimension kBlockK) = Q K^T of query rows from q_row (head h) and keys from k_row.
+  void scores(int64_t h, int64_t hk, int64_t q_row, int64_t m, int64_t k_row, int64_t n, float* s, Scratch&) const {
+    const auto [total, Hq, Hkv, D] = dims;
+    gemm(m, n, D, q + token_head_offset(q_row, h, Hq, D), Hq * D, kt + hk * D * total + k_row, total, s, kBlockK, false);
+  }
+
+  // acc [m, D] += P V with p [m, n] (leading dimension kBlockK).
+  void accumulate(int64_t hk, int64_t m, int64_t k_row, int64_t n, const float* p, float* acc, Scratch&) const {
+    const auto [total, Hq, Hkv, D] = dims;
+    gemm(m, D, n, p, kBlockK, v + token_head_offset(k_row, hk, Hkv, D), Hkv * D, acc, D, true);
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+// ---- bf16 operand layouts of bf16_gemm.h, built once per call from [T, H, D] bf16 tensors.
+using bf16 = c10::BFloat16;
+
+// [H, D, T + 1]: the transpose, an A operand with pairs of tokens; the extra zero column keeps the last
+// pair of a block with an odd number of tokens inside the tensor.
+at::Tensor transposed_bf16(const at::Tensor& t) {
+  const int64_t total = t.size(0), heads = t.size(1), dim = t.size(2);
+  at::Tensor out = at::empty({heads, dim, total + 1}, t.options());
+  transpose_tokens(t.const_data_ptr<bf16>(), total, heads, dim, out.mutable_data_ptr<bf16>(), total + 1);
+  out.select(2, total).zero_();
+  return out;
+}
+
+// [H, D / 2, T + 16, 2]: a B operand with pairs of dims (each token's pair is one 32-bit word, transposed);
+// 16 padding columns so that whole zmms can be read at the last tokens.
+constexpr int64_t dim_pairs_row(int64_t total) { return 2 * (total + 16); }
+
+at::Tensor dim_pairs(const at::Tensor& t) {
+  const int64_t total = t.size(0), heads = t.size(1), dim = t.size(2);
+  at::Tensor out = at::zeros({heads, dim / 2, total + 16, 2}, t.options());
+  transpose_tokens(reinterpret_cast<const uint32_t*>(t.const_data_ptr<bf16>()), total, heads, dim / 2,
+                   reinterpret_cast<uint32_t*>(out.mutable_data_ptr<bf16>()), total + 16);
+  return out;
+}
+
+// [H, T / 2 + 1, pair_row_elements(D)]: a B operand with pairs of tokens, pairs starting at even packed
+// tokens (zero padding after the last token).
+at::Tensor token_pairs(const at::Tensor& t) {
+  const int64_t total = t.size(0), heads = t.size(1), dim = t.size(2), row = pair_row_elements(dim);
+  at::Tensor out = at::zeros({heads, total / 2 + 1, row}, t.options());
+  bf16* dst = out.mutable_data_ptr<bf16>();
+  const bf16* src = t.const_data_ptr<bf16>();
+  constexpr int64_t kTokens = 128;
+  const int64_t chunks = ceil_div(total, kTokens);
+  at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t h = job / chunks, t0 = (job % chunks) * kTokens;
+      pack_row_pairs(src + token_head_offset(t0, h, heads, dim), std::min(kTokens, total - t0), dim, heads * dim,
+                     dst + (h * (total / 2 + 1) + t0 / 2) * row, row);
+    }
+  });
+  return out;
+}
+
+// The A operand matching token_pairs for the keys from packed token k_row: rows of src [m, n] (float32,
+// leading dimension lds) in bf16, behind a zero column when k_row is odd (it is the second half of its
+// pair), then padded to an even length. Returns that length, the product's K.
+constexpr int64_t kPairedKeysRow = kBlockK + 2;
+
+inline int64_t rows_on_token_pairs(const float* src, int64_t m, int64_t n, int64_t lds, int64_t k_row, bf16* dst) {
+  const int64_t shift = k_row % 2, keys = n + shift, keys_even = keys + keys % 2;
+  for (int64_t r = 0; r < m; ++r) {
+    bf16* row = dst + r * kPairedKeysRow;
+    row[0] = bf16(0.f);
+    row[keys_even - 1] = bf16(0.f);
+    store_bf16_row(src + r * lds, n, row + shift);
+  }
+  return keys_even;
+}
+
+// The forward's tile products with bf16 dot products (bf16 inputs, even head dim): S = Q K^T with K in
+// pairs of dims, P V with V in pairs of tokens and P rounded to bf16, as FlashAttention does on GPUs.
+struct Bf16DotForwardProducts {
+  Dims dims;
+  const bf16* q;
+  at::Tensor kt_, vp_;
+  const bf16 *kt, *vp;
+
+  Bf16DotForwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const Dims& d)
+      : dims(d), q(q_in.const_data_ptr<bf16>()), kt_(dim_pairs(k_in)), vp_(token_pairs(v_in)),
+        kt(kt_.const_data_ptr<bf16>()), vp(vp_.const_data_ptr<bf16>()) {}
+
+  struct Scratch {
+    std::vector<bf16> p_rows = std::vector<bf16>(kBlockQ * kPairedKeysRow);
+  };
+  Scratch make_scratch() const { return {}; }
+
+  void scores(int64_t h, int64_t hk, int64_t q_row, int64_t m, int64_t k_row, int64_t n, float* s, Scratch&) const {
+    const auto [total, Hq, Hkv, D] = dims;
+    gemm_bf16(m, n, D, q + token_head_offset(q_row, h, Hq, D), Hq * D,
+              kt + hk * (D / 2) * dim_pairs_row(total) + 2 * k_row, dim_pairs_row(total), s, kBlockK, false);
+  }
+
+  void accumulate(int64_t hk, int64_t m, int64_t k_row, int64_t n, const float* p, float* acc, Scratch& scratch) const {
+    const auto [total, Hq, Hkv, D] = dims;
+    const int64_t keys = rows_on_token_pairs(p, m, n, kBlockK, k_row, scratch.p_rows.data());
+    const int64_t row = pair_row_elements(D);
+    gemm_bf16(m, D, keys, scratch.p_rows.data(), kPairedKeysRow, vp + (hk * (total / 2 + 1) + k_row / 2) * row, row,
+              acc, D, true);
+  }
+};
+#endif
+
+template <typename T, typename Products>
 struct Forward {
-  const float* q;   // [T, Hq, D]
-  const float* kt;  // [Hkv, D, T]
-  const float* v;   // [T, Hkv, D]
+  const Products& products;
   T* out;           // [T, Hq, D]
   float* lse;       // [Hq, T]
   const int32_t* cu_seqlens;
@@ -104,31 +230,28 @@ struct Forward {
 
   auto make_worker() const {
     return [this, s = std::vector<float>(kBlockQ * kBlockK), acc = std::vector<float>(kBlockQ * dims.dim),
-            rows = std::vector<SoftmaxRow>(kBlockQ)](const WorkItem& item) mutable {
-      run(item, s.data(), acc.data(), rows.data());
+            rows = std::vector<SoftmaxRow>(kBlockQ), scratch = products.make_scratch()](const WorkItem& item) mutable {
+      run(item, s.data(), acc.data(), rows.data(), scratch);
     };
   }
 
-  void run(const WorkItem& item, float* s, float* acc, SoftmaxRow* rows) const {
+  void run(const WorkItem& item, float* s, float* acc, SoftmaxRow* rows, typename Products::Scratch& scratch) const {
     const auto [total, Hq, Hkv, D] = dims;
     const SeqSpan span = sequence_span(cu_seqlens, item.seq, total);
     const int64_t h = item.head, hk = kv_head_of(h, Hq, Hkv);
     const int64_t i0 = item.block * kBlockQ, m = std::min(kBlockQ, span.length - i0);
-    const float* q_tile = q + token_head_offset(span.start + i0, h, Hq, D);
-    const float* kt_head = kt + hk * D * total + span.start;
-    const float* v_head = v + token_head_offset(span.start, hk, Hkv, D);
     std::fill(rows, rows + m, SoftmaxRow{});
     std::fill(acc, acc + m * D, 0.f);
 
     const int64_t key_end = attention::key_end_for_queries(i0 + m, span.length, causal);
     for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
       const int64_t n = std::min(kBlockK, key_end - j0);
-      gemm(m, n, D, q_tile, Hq * D, kt_head + j0, total, s, kBlockK, false);
+      products.scores(h, hk, span.start + i0, m, span.start + j0, n, s, scratch);
       const bool partial = tile_mask(i0, i0 + m, j0, j0 + n, causal) == TileMask::kPartial;
       for (int64_t r = 0; r < m; ++r) {
         online_softmax_step(s + r * kBlockK, visible(partial, i0 + r, j0, n, causal), n, scale, rows[r], acc + r * D, D);
       }
-      gemm(m, D, n, s, kBlockK, v_head + j0 * Hkv * D, Hkv * D, acc, D, true);
+      products.accumulate(hk, m, span.start + j0, n, s, acc, scratch);
     }
 
     for (int64_t r = 0; r < m; ++r) {
@@ -140,15 +263,107 @@ struct Forward {
 
 // --------------------------------------------------------------------------------------------- backward
 
-template <typename T>
+// One tile of the backward: query rows [i0, i0 + m) of head h against keys [j0, j0 + n) of its KV head hk
+// (positions in the sequence), q_row and k_row the packed token indices of the first of each.
+struct BwdTile {
+  int64_t h, hk, i0, m, j0, n, q_row, k_row;
+};
+
+// The backward's five tile products in float32, on every instruction set: inputs converted to float32
+// and Q, K, V, dO also transposed to [H, D, T] once, so each product is a row-major brgemm.
+struct Fp32BackwardProducts {
+  at::Tensor q_, qt_, k_, kt_, vt_, dout_, doutt_;  // owners of the pointers below
+  const float *q, *qt, *k, *kt, *vt, *dout, *doutt;
+  Dims dims;
+
+  Fp32BackwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& grad_out,
+               const Dims& d)
+      : q_(as_float(q_in)), qt_(transposed_float(q_in)), k_(as_float(k_in)), kt_(transposed_float(k_in)),
+        vt_(transposed_float(v_in)), dout_(as_float(grad_out)), doutt_(transposed_float(grad_out)),
+        q(q_.const_data_ptr<float>()), qt(qt_.const_data_ptr<float>()), k(k_.const_data_ptr<float>()),
+        kt(kt_.const_data_ptr<float>()), vt(vt_.const_data_ptr<float>()), dout(dout_.const_data_ptr<float>()),
+        doutt(doutt_.const_data_ptr<float>()), dims(d) {}
+
+  struct Scratch {};
+  Scratch make_scratch() const { return {}; }
+
+  // s = Q K^T and dp = dO V^T, [m, n] with leading dimension kBlockK.
+  void scores(const BwdTile& t, float* s, float* dp, Scratch&) const {
+    const auto [total, Hq, Hkv, D] = dims;
+    gemm(t.m, t.n, D, q + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, kt + t.hk * D * total + t.k_row, total, s,
+         kBlockK, false);
+    gemm(t.m, t.n, D, dout + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, vt + t.hk * D * total + t.k_row, total, dp,
+         kBlockK, false);
+  }
+
+  // dV^T += dO^T P and dK^T += Q^T dS ([D, n], leading dimension kBlockK), dQ += dS K (float32 [T, Hq, D]).
+  void accumulate(const BwdTile& t, const float* p, const float* ds, float* dkt, float* dvt, float* dq,
+                  Scratch&) const {
+    const auto [total, Hq, Hkv, D] = dims;
+    gemm(D, t.n, t.m, doutt + t.h * D * total + t.q_row, total, p, kBlockK, dvt, kBlockK, true);
+    gemm(D, t.n, t.m, qt + t.h * D * total + t.q_row, total, ds, kBlockK, dkt, kBlockK, true);
+    gemm(t.m, D, t.n, ds, kBlockK, k + token_head_offset(t.k_row, t.hk, Hkv, D), Hkv * D,
+         dq + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, true);
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+// The backward's tile products with bf16 dot products (bf16 inputs, even head dim). Q and dO are A
+// operands as they are; built once per call: Q^T and dO^T (A of dV^T and dK^T), K and V in pairs of dims
+// (B of S and dP) and K in pairs of tokens (B of dQ). P and dS are rounded to bf16 per tile.
+struct Bf16DotBackwardProducts {
+  Dims dims;
+  const bf16* q;
+  const bf16* dout;
+  at::Tensor qt_, doutt_, kt_, vt_, kp_;
+  const bf16 *qt, *doutt, *kt, *vt, *kp;
+
+  Bf16DotBackwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                          const at::Tensor& grad_out, const Dims& d)
+      : dims(d), q(q_in.const_data_ptr<bf16>()), dout(grad_out.const_data_ptr<bf16>()), qt_(transposed_bf16(q_in)),
+        doutt_(transposed_bf16(grad_out)), kt_(dim_pairs(k_in)), vt_(dim_pairs(v_in)), kp_(token_pairs(k_in)),
+        qt(qt_.const_data_ptr<bf16>()), doutt(doutt_.const_data_ptr<bf16>()), kt(kt_.const_data_ptr<bf16>()),
+        vt(vt_.const_data_ptr<bf16>()), kp(kp_.const_data_ptr<bf16>()) {}
+
+  static constexpr int64_t kPairedTileRow = pair_row_elements(kBlockK);
+  struct Scratch {
+    std::vector<bf16> p_pairs = std::vector<bf16>(kBlockQ / 2 * kPairedTileRow);
+    std::vector<bf16> ds_pairs = std::vector<bf16>(kBlockQ / 2 * kPairedTileRow);
+    std::vector<bf16> ds_rows = std::vector<bf16>(kBlockQ * kPairedKeysRow);
+  };
+  Scratch make_scratch() const { return {}; }
+
+  void scores(const BwdTile& t, float* s, float* dp, Scratch&) const {
+    const auto [total, Hq, Hkv, D] = dims;
+    const int64_t ld = dim_pairs_row(total), head = t.hk * (D / 2) * ld;
+    gemm_bf16(t.m, t.n, D, q + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, kt + head + 2 * t.k_row, ld, s,
+              kBlockK, false);
+    gemm_bf16(t.m, t.n, D, dout + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, vt + head + 2 * t.k_row, ld, dp,
+              kBlockK, false);
+  }
+
+  void accumulate(const BwdTile& t, const float* p, const float* ds, float* dkt, float* dvt, float* dq,
+                  Scratch& scratch) const {
+    const auto [total, Hq, Hkv, D] = dims;
+    const int64_t m_even = t.m + t.m % 2, ld_t = total + 1;
+    pack_row_pairs(p, t.m, t.n, kBlockK, scratch.p_pairs.data(), kPairedTileRow);
+    pack_row_pairs(ds, t.m, t.n, kBlockK, scratch.ds_pairs.data(), kPairedTileRow);
+    gemm_bf16(D, t.n, m_even, doutt + t.h * D * ld_t + t.q_row, ld_t, scratch.p_pairs.data(), kPairedTileRow, dvt,
+              kBlockK, true);
+    gemm_bf16(D, t.n, m_even, qt + t.h * D * ld_t + t.q_row, ld_t, scratch.ds_pairs.data(), kPairedTileRow, dkt,
+              kBlockK, true);
+    const int64_t keys = rows_on_token_pairs(ds, t.m, t.n, kBlockK, t.k_row, scratch.ds_rows.data());
+    const int64_t row = pair_row_elements(D);
+    gemm_bf16(t.m, D, keys, scratch.ds_rows.data(), kPairedKeysRow, kp + (t.hk * (total / 2 + 1) + t.k_row / 2) * row,
+              row, dq + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, true);
+  }
+};
+#endif
+
+// Backward (see the top of the file) over tile products `Products` (float32 or bf16 dot products).
+template <typename T, typename Products>
 struct Backward {
-  const float* q;       // [T, Hq, D]
-  const float* qt;      // [Hq, D, T]
-  const float* k;       // [T, Hkv, D]
-  const float* kt;      // [Hkv, D, T]
-  const float* vt;      // [Hkv, D, T]
-  const float* dout;    // [T, Hq, D]
-  const float* doutt;   // [Hq, D, T]
+  const Products& products;
   const float* lse;     // [Hq, T]
   const float* delta;   // [Hq, T]
   float* dq;            // [T, Hq, D] float32 accumulator
@@ -161,13 +376,14 @@ struct Backward {
 
   auto make_worker() const {
     return [this, p = std::vector<float>(kBlockQ * kBlockK), ds = std::vector<float>(kBlockQ * kBlockK),
-            dkt = std::vector<float>(dims.dim * kBlockK),
-            dvt = std::vector<float>(dims.dim * kBlockK)](const WorkItem& item) mutable {
-      run(item, p.data(), ds.data(), dkt.data(), dvt.data());
+            dkt = std::vector<float>(dims.dim * kBlockK), dvt = std::vector<float>(dims.dim * kBlockK),
+            scratch = products.make_scratch()](const WorkItem& item) mutable {
+      run(item, p.data(), ds.data(), dkt.data(), dvt.data(), scratch);
     };
   }
 
-  void run(const WorkItem& item, float* p, float* ds, float* dkt, float* dvt) const {
+  void run(const WorkItem& item, float* p, float* ds, float* dkt, float* dvt,
+           typename Products::Scratch& scratch) const {
     const auto [total, Hq, Hkv, D] = dims;
     const SeqSpan span = sequence_span(cu_seqlens, item.seq, total);
     const int64_t hk = item.head, group = Hq / Hkv;
@@ -181,7 +397,10 @@ struct Backward {
           const int64_t m = std::min(kBlockQ, span.length - i0);
           const TileMask mask = tile_mask(i0, i0 + m, j0, j0 + n, causal);
           if (mask == TileMask::kEmpty) continue;
-          tile(span, h, hk, i0, m, j0, n, mask == TileMask::kPartial, p, ds, dkt, dvt);
+          // Keys past the block's last query are masked for all its rows: a diagonal tile stops there.
+          const int64_t keys = mask == TileMask::kPartial ? std::min(n, i0 + m - j0) : n;
+          tile({h, hk, i0, m, j0, keys, span.start + i0, span.start + j0}, mask == TileMask::kPartial, p, ds, dkt,
+               dvt, scratch);
         }
       }
       for (int64_t c = 0; c < n; ++c) {
@@ -195,31 +414,26 @@ struct Backward {
     }
   }
 
-  void tile(const SeqSpan& span, int64_t h, int64_t hk, int64_t i0, int64_t m, int64_t j0, int64_t n, bool partial,
-            float* p, float* ds, float* dkt, float* dvt) const {
-    const auto [total, Hq, Hkv, D] = dims;
-    const int64_t q_row = span.start + i0, k_row = span.start + j0;
-    gemm(m, n, D, q + token_head_offset(q_row, h, Hq, D), Hq * D, kt + hk * D * total + k_row, total, p, kBlockK, false);
-    gemm(m, n, D, dout + token_head_offset(q_row, h, Hq, D), Hq * D, vt + hk * D * total + k_row, total, ds, kBlockK, false);
-    for (int64_t r = 0; r < m; ++r) {
+  void tile(const BwdTile& t, bool partial, float* p, float* ds, float* dkt, float* dvt,
+            typename Products::Scratch& scratch) const {
+    const int64_t total = dims.total;
+    products.scores(t, p, ds, scratch);
+    for (int64_t r = 0; r < t.m; ++r) {
       float* pr = p + r * kBlockK;
       float* dsr = ds + r * kBlockK;
-      const int64_t cnt = visible(partial, i0 + r, j0, n, causal);
-      const fVec row_lse(lse[lse_offset(h, q_row + r, total)]);
-      const fVec row_delta(delta[lse_offset(h, q_row + r, total)]);
+      const int64_t cnt = visible(partial, t.i0 + r, t.j0, t.n, causal);
+      const fVec row_lse(lse[lse_offset(t.h, t.q_row + r, total)]);
+      const fVec row_delta(delta[lse_offset(t.h, t.q_row + r, total)]);
       for (int64_t c = 0; c < cnt; c += kFloatLanes) {
         const int64_t w = std::min(kFloatLanes, cnt - c);
         const fVec pv = (fVec::loadu(pr + c, w) * fVec(scale) - row_lse).exp_u20();
         pv.store(pr + c, w);
         (pv * (fVec::loadu(dsr + c, w) - row_delta) * fVec(scale)).store(dsr + c, w);
       }
-      zero_tail(pr, cnt, n);
-      zero_tail(dsr, cnt, n);
+      zero_tail(pr, cnt, t.n);
+      zero_tail(dsr, cnt, t.n);
     }
-    gemm(D, n, m, doutt + h * D * total + q_row, total, p, kBlockK, dvt, kBlockK, true);
-    gemm(D, n, m, qt + h * D * total + q_row, total, ds, kBlockK, dkt, kBlockK, true);
-    gemm(m, D, n, ds, kBlockK, k + token_head_offset(k_row, hk, Hkv, D), Hkv * D,
-         dq + token_head_offset(q_row, h, Hq, D), Hq * D, true);
+    products.accumulate(t, p, ds, dkt, dvt, dq, scratch);
   }
 };
 
@@ -265,12 +479,22 @@ void flash_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, co
       for (int64_t h = 0; h < dims.heads_q; ++h) items.push_back({seq.seq, block, h, keys});
     }
   }
-  const at::Tensor qf = as_float(q), kt = transposed_float(k), vf = as_float(v);
   INTERNLM2_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
-    const Forward<scalar_t> fwd{qf.const_data_ptr<float>(), kt.const_data_ptr<float>(), vf.const_data_ptr<float>(),
-                                out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), cu_seqlens, dims,
-                                causal, static_cast<float>(softmax_scale)};
-    run_largest_first(items, [&] { return fwd.make_worker(); });
+    auto run = [&](const auto& products) {
+      const Forward<scalar_t, std::decay_t<decltype(products)>> fwd{
+          products, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), cu_seqlens, dims, causal,
+          static_cast<float>(softmax_scale)};
+      run_largest_first(items, [&] { return fwd.make_worker(); });
+    };
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (dims.dim % 2 == 0) {
+        run(Bf16DotForwardProducts(q, k, v, dims));
+        return;
+      }
+    }
+#endif
+    run(Fp32ForwardProducts(q, k, v, dims));
   });
 }
 
@@ -288,19 +512,25 @@ void flash_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
   // tokens) need no zeroing, but dQ accumulates and starts at zero.
   at::Tensor dq = grad_q.scalar_type() == at::kFloat ? grad_q.zero_() : at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({dims.heads_q, dims.total}, q.options().dtype(at::kFloat));
-  const at::Tensor qf = as_float(q), qt = transposed_float(q), kf = as_float(k), kt = transposed_float(k),
-                   vt = transposed_float(v), dof = as_float(grad_out), dot = transposed_float(grad_out);
   INTERNLM2_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_backward_cpu", [&] {
     compute_delta<scalar_t>(grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), grad_lse, dims,
                             delta.mutable_data_ptr<float>());
-    const Backward<scalar_t> bwd{qf.const_data_ptr<float>(),  qt.const_data_ptr<float>(),
-                                 kf.const_data_ptr<float>(),  kt.const_data_ptr<float>(),
-                                 vt.const_data_ptr<float>(),  dof.const_data_ptr<float>(),
-                                 dot.const_data_ptr<float>(), lse.const_data_ptr<float>(),
-                                 delta.const_data_ptr<float>(), dq.mutable_data_ptr<float>(),
-                                 grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(),
-                                 cu_seqlens, dims, causal, static_cast<float>(softmax_scale)};
-    run_largest_first(items, [&] { return bwd.make_worker(); });
+    auto run = [&](const auto& products) {
+      const Backward<scalar_t, std::decay_t<decltype(products)>> bwd{
+          products, lse.const_data_ptr<float>(), delta.const_data_ptr<float>(), dq.mutable_data_ptr<float>(),
+          grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(), cu_seqlens, dims, causal,
+          static_cast<float>(softmax_scale)};
+      run_largest_first(items, [&] { return bwd.make_worker(); });
+    };
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (dims.dim % 2 == 0) {
+        run(Bf16DotBackwardProducts(q, k, v, grad_out, dims));
+        return;
+      }
+    }
+#endif
+    run(Fp32BackwardProducts(q, k, v, grad_out, dims));
   });
   if (!dq.is_same(grad_q)) grad_q.copy_(dq);
 }

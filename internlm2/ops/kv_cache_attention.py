@@ -7,7 +7,8 @@ query and key lengths differ per sequence. GQA as in `flash_attention` (query he
 h // (Hq // Hkv)). Causal attention is aligned to the end of the cache: query i of a sequence with L new
 queries sees the keys j <= k_lengths[b] - L + i, so the last new token sees the whole cache.
 
-Inference only: the op has no backward.
+Inference only: the op has no backward. On CUDA the kernel takes bf16/fp16 with head dims 64 and 128;
+other inputs there run the reference.
 """
 
 import torch
@@ -16,6 +17,11 @@ from internlm2.ops._precision import accumulate_dtype
 from internlm2.ops.flash_attention import longest_sequence
 
 _forward = torch.ops.internlm2.kv_cache_attention
+
+
+def cuda_kernel_supports(q: torch.Tensor) -> bool:
+    """Whether the CUDA kernel takes these inputs (else the op runs the reference on the GPU)."""
+    return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
 
 
 def kv_cache_attention(
@@ -36,6 +42,9 @@ def kv_cache_attention(
     derived from cu_seqlens_q when not given (a host read). Returns out [Tq, Hq, D], and with return_lse
     also lse [Hq, Tq] float32 (natural log); a query that sees no key gets out 0 and lse -inf.
     """
+    if q.is_cuda and not cuda_kernel_supports(q):
+        return kv_cache_attention_reference(q, k_cache, v_cache, k_lengths, cu_seqlens_q, max_seqlen_q, causal,
+                                            softmax_scale, return_lse)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     if max_seqlen_q is None:
