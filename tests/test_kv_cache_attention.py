@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from internlm2 import ops
-from tests.numerics import assert_within_reference_error, fresh_seed, randn_with_outliers, run_with_cpu_isa
+from tests.numerics import (
+    CPU_ISAS,
+    assert_within_reference_error,
+    fresh_seed,
+    randn_with_outliers,
+    run_with_cpu_isa,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -158,7 +164,7 @@ def test_torch_compile_matches_eager():
                                                                                                 k_lengths))
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_every_instruction_set_matches_reference(isa):
     run_with_cpu_isa(
         isa,
