@@ -58,21 +58,30 @@ struct Dims {
 at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
 // [T, H, D] -> [H, D, ld_dst >= T]: the per-head transposed copy that turns Q K^T, dO V^T, P^T dO and
-// dS^T Q into row-major tile products. Blocks of kTransposeTokens rows are read into L1 once and written
-// out as D contiguous runs (a generic strided copy is several times slower).
-constexpr int64_t kTransposeTokens = 64;
+// dS^T Q into row-major tile products. Square blocks go through ATen's vectorised transposes (32 x 32 is
+// the most its bf16 one takes); a dtype change happens on the way, in a block held in L1.
+constexpr int64_t kTransposeBlock = 32;
 
 template <typename In, typename Out>
 void transpose_tokens(const In* src, int64_t tokens, int64_t heads, int64_t dim, Out* dst, int64_t ld_dst) {
-  const int64_t blocks = ceil_div(tokens, kTransposeTokens);
+  const int64_t blocks = ceil_div(tokens, kTransposeBlock), ld_src = heads * dim;
   at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Out> converted(std::is_same_v<In, Out> ? 0 : kTransposeBlock * kTransposeBlock);
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t h = job / blocks, t0 = (job % blocks) * kTransposeTokens;
-      const int64_t n = std::min(kTransposeTokens, tokens - t0);
+      const int64_t h = job / blocks, t0 = (job % blocks) * kTransposeBlock;
+      const int n = static_cast<int>(std::min(kTransposeBlock, tokens - t0));
       const In* in = src + token_head_offset(t0, h, heads, dim);
-      for (int64_t d = 0; d < dim; ++d) {
-        Out* out = dst + (h * dim + d) * ld_dst + t0;
-        for (int64_t t = 0; t < n; ++t) out[t] = static_cast<Out>(in[t * heads * dim + d]);
+      for (int64_t d0 = 0; d0 < dim; d0 += kTransposeBlock) {
+        const int w = static_cast<int>(std::min(kTransposeBlock, dim - d0));
+        Out* out = dst + (h * dim + d0) * ld_dst + t0;
+        if constexpr (std::is_same_v<In, Out>) {
+          at::vec::transpose_mxn<Out>(in + d0, ld_src, out, ld_dst, n, w);
+        } else {
+          for (int t = 0; t < n; ++t) {
+            for (int c = 0; c < w; ++c) converted[t * kTransposeBlock + c] = static_cast<Out>(in[t * ld_src + d0 + c]);
+          }
+          at::vec::transpose_mxn<Out>(converted.data(), kTransposeBlock, out, ld_dst, n, w);
+        }
       }
     }
   });
@@ -138,15 +147,16 @@ at::Tensor transposed_bf16(const at::Tensor& t) {
   return out;
 }
 
-// [H, D / 2, T + 16, 2]: a B operand with pairs of dims (each token's pair is one 32-bit word, transposed);
-// 16 padding columns so that whole zmms can be read at the last tokens.
+// [H, D / 2, T + 16, 2]: a B operand with pairs of dims (each token's pair is one 32-bit word, transposed
+// as if it were a float: only moved, never computed on); 16 padding columns so that whole zmms can be read
+// at the last tokens.
 constexpr int64_t dim_pairs_row(int64_t total) { return 2 * (total + 16); }
 
 at::Tensor dim_pairs(const at::Tensor& t) {
   const int64_t total = t.size(0), heads = t.size(1), dim = t.size(2);
   at::Tensor out = at::zeros({heads, dim / 2, total + 16, 2}, t.options());
-  transpose_tokens(reinterpret_cast<const uint32_t*>(t.const_data_ptr<bf16>()), total, heads, dim / 2,
-                   reinterpret_cast<uint32_t*>(out.mutable_data_ptr<bf16>()), total + 16);
+  transpose_tokens(reinterpret_cast<const float*>(t.const_data_ptr<bf16>()), total, heads, dim / 2,
+                   reinterpret_cast<float*>(out.mutable_data_ptr<bf16>()), total + 16);
   return out;
 }
 
