@@ -22,7 +22,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, load_note, median_time
+from benchmarks.harness import Report, alternating_times, load_note, paired_speedup
 from internlm2 import ops
 from internlm2.model import InternLM2ForCausalLM, KVCache, preset_config
 
@@ -52,20 +52,9 @@ def op_case(batch: int, length: int, dtype, device):
     return q, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32, device=device)
 
 
-def paired_times(fns: dict, device: str, repeats: int, calls: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, `calls` calls per round, rounds alternating between them."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(median_time(fn, device, warmup=0, repeats=calls))
-    return times
-
-
 def add_rows(report: Report, case: str, dtype, times: dict[str, list[float]], tokens: int) -> None:
     (ours_name, ours), (_, sdpa) = times.items()
-    speedup = statistics.median(s / o for o, s in zip(ours, sdpa))
+    speedup = paired_speedup(ours, sdpa)
     name = str(dtype).removeprefix("torch.")
     report.add(case, name, ours_name, statistics.median(ours) * 1e3, tokens / statistics.median(ours), speedup)
     report.add(case, name, "SDPA (previous decode path)", statistics.median(sdpa) * 1e3, tokens / statistics.median(sdpa),
@@ -120,14 +109,14 @@ def run(dtypes, device: str, repeats: int) -> Report:
         for length in CACHE_LENGTHS:
             for batch in (1, 4):
                 inputs = op_case(batch, length, dtype, device)
-                times = paired_times({n: (lambda f=f: f(*inputs)) for n, f in PATHS.items()}, device, repeats, 10)
+                times = alternating_times({n: (lambda f=f: f(*inputs)) for n, f in PATHS.items()}, device, repeats, 10)
                 add_rows(report, f"op, batch {batch}, L={length}", dtype, times, batch)
     for dtype in dtypes:
         model = decoding_model(dtype, device, "fused")
         for length in CACHE_LENGTHS:
             steps = 4 * repeats + 2
             decoders = {n: Decoder(model, f, 1, length, steps, device) for n, f in PATHS.items()}
-            times = paired_times({n: d.step for n, d in decoders.items()}, device, repeats, 4)
+            times = alternating_times({n: d.step for n, d in decoders.items()}, device, repeats, 4)
             add_rows(report, f"{MODEL} decode, batch 1, L={length}", dtype, times, 1)
     return report
 

@@ -54,6 +54,25 @@ def median_time(fn: Callable[[], object], device: str = "cpu", warmup: int = 3, 
     return statistics.median(times)
 
 
+def alternating_times(fns: dict[str, Callable[[], object]], device: str = "cpu", rounds: int = 5,
+                      calls: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, one entry per round: a round times `calls` calls (their median)
+    of every function in turn, so that a shared machine's changing load falls on all of them alike. Ratios
+    should be taken per round (paired) and then their median."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_time(fn, device, warmup=0, repeats=calls))
+    return times
+
+
+def paired_speedup(ours: list[float], baseline: list[float]) -> float:
+    """Median over rounds of baseline time / our time (rounds from alternating_times)."""
+    return statistics.median(b / o for o, b in zip(ours, baseline))
+
+
 def measured_copy_bandwidth(device: str) -> float:
     """Bytes/s of a large device-to-device copy (read + write), the ceiling for memory-bound kernels."""
     src = torch.empty(1 << 28, dtype=torch.uint8, device=device)

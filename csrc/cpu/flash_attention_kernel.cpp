@@ -2,9 +2,10 @@
 // op, exact in float32. Index math for packed sequences and causal tiles comes from common/varlen.h, the
 // same helpers the CUDA kernels use.
 //
-// Forward: one work item per (sequence, query head, block of kBlockQ queries). It walks the visible key
-// blocks with an online softmax (running row max and sum, rescaling the float32 output accumulator), so
-// no more than one kBlockQ x kBlockK score tile exists per thread.
+// Forward: one work item per (sequence, KV head, block of kBlockQ queries), for all query heads of the KV
+// head's group. It walks the visible key blocks, each read once for the group, with an online softmax
+// (running row max and sum, rescaling the float32 output accumulator), so no more than one
+// kBlockQ x kBlockK score tile exists per thread.
 //
 // Backward (FlashAttention-2's algorithm): one work item per (sequence, KV head). It owns dK/dV of its
 // key blocks, summed over the whole query group in float32 accumulators (GQA without repeated K/V), and
@@ -54,8 +55,15 @@ struct Dims {
   int64_t dim;       // D
 };
 
-// t itself when already float32, else a float32 copy (the kernels compute in float32).
-at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+// [T, H, D] -> [H, T, D] in `dtype`: the operand layout of every tile product that reads whole rows of
+// one head. In [T, H, D] those rows lie H * D elements apart, a power of two for the usual head counts,
+// so all rows of a tile fall into the same cache sets; head-major rows are D apart.
+at::Tensor head_major(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).transpose(0, 1).contiguous(); }
+
+// Element offset of (head, token, 0) in a head-major [H, T, D] tensor.
+inline int64_t head_token_offset(int64_t head, int64_t token, int64_t total, int64_t dim) {
+  return (head * total + token) * dim;
+}
 
 // [T, H, D] -> [H, D, ld_dst >= T]: the per-head transposed copy that turns Q K^T, dO V^T, P^T dO and
 // dS^T Q into row-major tile products. Square blocks go through ATen's vectorised transposes (32 x 32 is
@@ -87,11 +95,16 @@ void transpose_tokens(const In* src, int64_t tokens, int64_t heads, int64_t dim,
   });
 }
 
+// Row length of the float32 transposes: T plus a little, so that rows of a power-of-two T do not all map
+// to the same cache sets (measured 10% faster tile products at T = 2048 on Zen 4).
+inline int64_t transposed_row(int64_t total) { return total + 16; }
+
+// [T, H, D] -> float32 [H, D, transposed_row(T)].
 at::Tensor transposed_float(const at::Tensor& t) {
-  at::Tensor out = at::empty({t.size(1), t.size(2), t.size(0)}, t.options().dtype(at::kFloat));
+  const int64_t ld = transposed_row(t.size(0));
+  at::Tensor out = at::empty({t.size(1), t.size(2), ld}, t.options().dtype(at::kFloat));
   INTERNLM2_DISPATCH_FLOAT_TYPES(t.scalar_type(), "flash_attention_transpose_cpu", [&] {
-    transpose_tokens(t.const_data_ptr<scalar_t>(), t.size(0), t.size(1), t.size(2), out.mutable_data_ptr<float>(),
-                     t.size(0));
+    transpose_tokens(t.const_data_ptr<scalar_t>(), t.size(0), t.size(1), t.size(2), out.mutable_data_ptr<float>(), ld);
   });
   return out;
 }
@@ -106,15 +119,16 @@ inline void zero_tail(float* row, int64_t from, int64_t to) { std::fill(row + fr
 
 // ---------------------------------------------------------------------------------------------- forward
 
-// The forward's two tile products in float32, on every instruction set: Q and V converted to float32, K
-// also transposed to [Hkv, D, T], so both are row-major brgemms.
+// The forward's two tile products in float32, on every instruction set: Q and V converted to float32
+// head-major, K transposed to [Hkv, D, T], so both are row-major brgemms.
 struct Fp32ForwardProducts {
   at::Tensor q_, kt_, v_;
   const float *q, *kt, *v;
   Dims dims;
 
   Fp32ForwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const Dims& d)
-      : q_(as_float(q_in)), kt_(transposed_float(k_in)), v_(as_float(v_in)), q(q_.const_data_ptr<float>()),
+      : q_(head_major(q_in, at::kFloat)), kt_(transposed_float(k_in)), v_(head_major(v_in, at::kFloat)),
+        q(q_.const_data_ptr<float>()),
         kt(kt_.const_data_ptr<float>()), v(v_.const_data_ptr<float>()), dims(d) {}
 
   struct Scratch {};
@@ -123,13 +137,14 @@ struct Fp32ForwardProducts {
   // s [m, n] (leading dimension kBlockK) = Q K^T of query rows from q_row (head h) and keys from k_row.
   void scores(int64_t h, int64_t hk, int64_t q_row, int64_t m, int64_t k_row, int64_t n, float* s, Scratch&) const {
     const auto [total, Hq, Hkv, D] = dims;
-    gemm(m, n, D, q + token_head_offset(q_row, h, Hq, D), Hq * D, kt + hk * D * total + k_row, total, s, kBlockK, false);
+    const int64_t ld = transposed_row(total);
+    gemm(m, n, D, q + head_token_offset(h, q_row, total, D), D, kt + hk * D * ld + k_row, ld, s, kBlockK, false);
   }
 
   // acc [m, D] += P V with p [m, n] (leading dimension kBlockK).
   void accumulate(int64_t hk, int64_t m, int64_t k_row, int64_t n, const float* p, float* acc, Scratch&) const {
     const auto [total, Hq, Hkv, D] = dims;
-    gemm(m, D, n, p, kBlockK, v + token_head_offset(k_row, hk, Hkv, D), Hkv * D, acc, D, true);
+    gemm(m, D, n, p, kBlockK, v + head_token_offset(hk, k_row, total, D), D, acc, D, true);
   }
 };
 
@@ -199,13 +214,12 @@ inline int64_t rows_on_token_pairs(const float* src, int64_t m, int64_t n, int64
 // pairs of dims, P V with V in pairs of tokens and P rounded to bf16, as FlashAttention does on GPUs.
 struct Bf16DotForwardProducts {
   Dims dims;
-  const bf16* q;
-  at::Tensor kt_, vp_;
-  const bf16 *kt, *vp;
+  at::Tensor q_, kt_, vp_;
+  const bf16 *q, *kt, *vp;
 
   Bf16DotForwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const Dims& d)
-      : dims(d), q(q_in.const_data_ptr<bf16>()), kt_(dim_pairs(k_in)), vp_(token_pairs(v_in)),
-        kt(kt_.const_data_ptr<bf16>()), vp(vp_.const_data_ptr<bf16>()) {}
+      : dims(d), q_(head_major(q_in, at::kBFloat16)), kt_(dim_pairs(k_in)), vp_(token_pairs(v_in)),
+        q(q_.const_data_ptr<bf16>()), kt(kt_.const_data_ptr<bf16>()), vp(vp_.const_data_ptr<bf16>()) {}
 
   struct Scratch {
     std::vector<bf16> p_rows = std::vector<bf16>(kBlockQ * kPairedKeysRow);
@@ -214,8 +228,8 @@ struct Bf16DotForwardProducts {
 
   void scores(int64_t h, int64_t hk, int64_t q_row, int64_t m, int64_t k_row, int64_t n, float* s, Scratch&) const {
     const auto [total, Hq, Hkv, D] = dims;
-    gemm_bf16(m, n, D, q + token_head_offset(q_row, h, Hq, D), Hq * D,
-              kt + hk * (D / 2) * dim_pairs_row(total) + 2 * k_row, dim_pairs_row(total), s, kBlockK, false);
+    gemm_bf16(m, n, D, q + head_token_offset(h, q_row, total, D), D, kt + hk * (D / 2) * dim_pairs_row(total) + 2 * k_row,
+              dim_pairs_row(total), s, kBlockK, false);
   }
 
   void accumulate(int64_t hk, int64_t m, int64_t k_row, int64_t n, const float* p, float* acc, Scratch& scratch) const {
@@ -239,34 +253,46 @@ struct Forward {
   float scale;
 
   auto make_worker() const {
-    return [this, s = std::vector<float>(kBlockQ * kBlockK), acc = std::vector<float>(kBlockQ * dims.dim),
-            rows = std::vector<SoftmaxRow>(kBlockQ), scratch = products.make_scratch()](const WorkItem& item) mutable {
+    const int64_t group = dims.heads_q / dims.heads_kv;
+    return [this, s = std::vector<float>(kBlockQ * kBlockK), acc = std::vector<float>(group * kBlockQ * dims.dim),
+            rows = std::vector<SoftmaxRow>(group * kBlockQ),
+            scratch = products.make_scratch()](const WorkItem& item) mutable {
       run(item, s.data(), acc.data(), rows.data(), scratch);
     };
   }
 
+  // The item's query block for every head of KV head item.head's group: each key tile is read once for
+  // the whole group (acc and rows hold group x kBlockQ rows).
   void run(const WorkItem& item, float* s, float* acc, SoftmaxRow* rows, typename Products::Scratch& scratch) const {
     const auto [total, Hq, Hkv, D] = dims;
     const SeqSpan span = sequence_span(cu_seqlens, item.seq, total);
-    const int64_t h = item.head, hk = kv_head_of(h, Hq, Hkv);
+    const int64_t hk = item.head, group = Hq / Hkv;
     const int64_t i0 = item.block * kBlockQ, m = std::min(kBlockQ, span.length - i0);
-    std::fill(rows, rows + m, SoftmaxRow{});
-    std::fill(acc, acc + m * D, 0.f);
+    std::fill(rows, rows + group * kBlockQ, SoftmaxRow{});
+    std::fill(acc, acc + group * kBlockQ * D, 0.f);
 
     const int64_t key_end = attention::key_end_for_queries(i0 + m, span.length, causal);
     for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
       const int64_t n = std::min(kBlockK, key_end - j0);
-      products.scores(h, hk, span.start + i0, m, span.start + j0, n, s, scratch);
       const bool partial = tile_mask(i0, i0 + m, j0, j0 + n, causal) == TileMask::kPartial;
-      for (int64_t r = 0; r < m; ++r) {
-        online_softmax_step(s + r * kBlockK, visible(partial, i0 + r, j0, n, causal), n, scale, rows[r], acc + r * D, D);
+      for (int64_t g = 0; g < group; ++g) {
+        float* acc_h = acc + g * kBlockQ * D;
+        SoftmaxRow* rows_h = rows + g * kBlockQ;
+        products.scores(hk * group + g, hk, span.start + i0, m, span.start + j0, n, s, scratch);
+        for (int64_t r = 0; r < m; ++r) {
+          online_softmax_step(s + r * kBlockK, visible(partial, i0 + r, j0, n, causal), n, scale, rows_h[r],
+                              acc_h + r * D, D);
+        }
+        products.accumulate(hk, m, span.start + j0, n, s, acc_h, scratch);
       }
-      products.accumulate(hk, m, span.start + j0, n, s, acc, scratch);
     }
 
-    for (int64_t r = 0; r < m; ++r) {
-      lse[lse_offset(h, span.start + i0 + r, total)] =
-          finish_softmax_row(acc + r * D, rows[r], D, out + token_head_offset(span.start + i0 + r, h, Hq, D));
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hk * group + g;
+      for (int64_t r = 0; r < m; ++r) {
+        lse[lse_offset(h, span.start + i0 + r, total)] = finish_softmax_row(
+            acc + (g * kBlockQ + r) * D, rows[g * kBlockQ + r], D, out + token_head_offset(span.start + i0 + r, h, Hq, D));
+      }
     }
   }
 };
@@ -279,8 +305,8 @@ struct BwdTile {
   int64_t h, hk, i0, m, j0, n, q_row, k_row;
 };
 
-// The backward's five tile products in float32, on every instruction set: inputs converted to float32
-// and Q, K, V, dO also transposed to [H, D, T] once, so each product is a row-major brgemm.
+// The backward's five tile products in float32, on every instruction set: Q, K, dO converted to float32
+// head-major, and Q, K, V, dO transposed to [H, D, T] once, so each product is a row-major brgemm.
 struct Fp32BackwardProducts {
   at::Tensor q_, qt_, k_, kt_, vt_, dout_, doutt_;  // owners of the pointers below
   const float *q, *qt, *k, *kt, *vt, *dout, *doutt;
@@ -288,8 +314,9 @@ struct Fp32BackwardProducts {
 
   Fp32BackwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& grad_out,
                const Dims& d)
-      : q_(as_float(q_in)), qt_(transposed_float(q_in)), k_(as_float(k_in)), kt_(transposed_float(k_in)),
-        vt_(transposed_float(v_in)), dout_(as_float(grad_out)), doutt_(transposed_float(grad_out)),
+      : q_(head_major(q_in, at::kFloat)), qt_(transposed_float(q_in)), k_(head_major(k_in, at::kFloat)),
+        kt_(transposed_float(k_in)), vt_(transposed_float(v_in)), dout_(head_major(grad_out, at::kFloat)),
+        doutt_(transposed_float(grad_out)),
         q(q_.const_data_ptr<float>()), qt(qt_.const_data_ptr<float>()), k(k_.const_data_ptr<float>()),
         kt(kt_.const_data_ptr<float>()), vt(vt_.const_data_ptr<float>()), dout(dout_.const_data_ptr<float>()),
         doutt(doutt_.const_data_ptr<float>()), dims(d) {}
@@ -300,20 +327,22 @@ struct Fp32BackwardProducts {
   // s = Q K^T and dp = dO V^T, [m, n] with leading dimension kBlockK.
   void scores(const BwdTile& t, float* s, float* dp, Scratch&) const {
     const auto [total, Hq, Hkv, D] = dims;
-    gemm(t.m, t.n, D, q + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, kt + t.hk * D * total + t.k_row, total, s,
-         kBlockK, false);
-    gemm(t.m, t.n, D, dout + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, vt + t.hk * D * total + t.k_row, total, dp,
+    const int64_t ld = transposed_row(total);
+    gemm(t.m, t.n, D, q + head_token_offset(t.h, t.q_row, total, D), D, kt + t.hk * D * ld + t.k_row, ld, s, kBlockK,
+         false);
+    gemm(t.m, t.n, D, dout + head_token_offset(t.h, t.q_row, total, D), D, vt + t.hk * D * ld + t.k_row, ld, dp,
          kBlockK, false);
   }
 
-  // dV^T += dO^T P and dK^T += Q^T dS ([D, n], leading dimension kBlockK), dQ += dS K (float32 [T, Hq, D]).
+  // dV^T += dO^T P and dK^T += Q^T dS ([D, n], leading dimension kBlockK), dQ += dS K (float32 [Hq, T, D]).
   void accumulate(const BwdTile& t, const float* p, const float* ds, float* dkt, float* dvt, float* dq,
                   Scratch&) const {
     const auto [total, Hq, Hkv, D] = dims;
-    gemm(D, t.n, t.m, doutt + t.h * D * total + t.q_row, total, p, kBlockK, dvt, kBlockK, true);
-    gemm(D, t.n, t.m, qt + t.h * D * total + t.q_row, total, ds, kBlockK, dkt, kBlockK, true);
-    gemm(t.m, D, t.n, ds, kBlockK, k + token_head_offset(t.k_row, t.hk, Hkv, D), Hkv * D,
-         dq + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, true);
+    const int64_t ld = transposed_row(total);
+    gemm(D, t.n, t.m, doutt + t.h * D * ld + t.q_row, ld, p, kBlockK, dvt, kBlockK, true);
+    gemm(D, t.n, t.m, qt + t.h * D * ld + t.q_row, ld, ds, kBlockK, dkt, kBlockK, true);
+    gemm(t.m, D, t.n, ds, kBlockK, k + head_token_offset(t.hk, t.k_row, total, D), D,
+         dq + head_token_offset(t.h, t.q_row, total, D), D, true);
   }
 };
 
@@ -323,15 +352,14 @@ struct Fp32BackwardProducts {
 // (B of S and dP) and K in pairs of tokens (B of dQ). P and dS are rounded to bf16 per tile.
 struct Bf16DotBackwardProducts {
   Dims dims;
-  const bf16* q;
-  const bf16* dout;
-  at::Tensor qt_, doutt_, kt_, vt_, kp_;
-  const bf16 *qt, *doutt, *kt, *vt, *kp;
+  at::Tensor q_, dout_, qt_, doutt_, kt_, vt_, kp_;
+  const bf16 *q, *dout, *qt, *doutt, *kt, *vt, *kp;
 
   Bf16DotBackwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                           const at::Tensor& grad_out, const Dims& d)
-      : dims(d), q(q_in.const_data_ptr<bf16>()), dout(grad_out.const_data_ptr<bf16>()), qt_(transposed_bf16(q_in)),
-        doutt_(transposed_bf16(grad_out)), kt_(dim_pairs(k_in)), vt_(dim_pairs(v_in)), kp_(token_pairs(k_in)),
+      : dims(d), q_(head_major(q_in, at::kBFloat16)), dout_(head_major(grad_out, at::kBFloat16)),
+        qt_(transposed_bf16(q_in)), doutt_(transposed_bf16(grad_out)), kt_(dim_pairs(k_in)), vt_(dim_pairs(v_in)),
+        kp_(token_pairs(k_in)), q(q_.const_data_ptr<bf16>()), dout(dout_.const_data_ptr<bf16>()),
         qt(qt_.const_data_ptr<bf16>()), doutt(doutt_.const_data_ptr<bf16>()), kt(kt_.const_data_ptr<bf16>()),
         vt(vt_.const_data_ptr<bf16>()), kp(kp_.const_data_ptr<bf16>()) {}
 
@@ -346,9 +374,9 @@ struct Bf16DotBackwardProducts {
   void scores(const BwdTile& t, float* s, float* dp, Scratch&) const {
     const auto [total, Hq, Hkv, D] = dims;
     const int64_t ld = dim_pairs_row(total), head = t.hk * (D / 2) * ld;
-    gemm_bf16(t.m, t.n, D, q + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, kt + head + 2 * t.k_row, ld, s,
-              kBlockK, false);
-    gemm_bf16(t.m, t.n, D, dout + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, vt + head + 2 * t.k_row, ld, dp,
+    gemm_bf16(t.m, t.n, D, q + head_token_offset(t.h, t.q_row, total, D), D, kt + head + 2 * t.k_row, ld, s, kBlockK,
+              false);
+    gemm_bf16(t.m, t.n, D, dout + head_token_offset(t.h, t.q_row, total, D), D, vt + head + 2 * t.k_row, ld, dp,
               kBlockK, false);
   }
 
@@ -365,7 +393,7 @@ struct Bf16DotBackwardProducts {
     const int64_t keys = rows_on_token_pairs(ds, t.m, t.n, kBlockK, t.k_row, scratch.ds_rows.data());
     const int64_t row = pair_row_elements(D);
     gemm_bf16(t.m, D, keys, scratch.ds_rows.data(), kPairedKeysRow, kp + (t.hk * (total / 2 + 1) + t.k_row / 2) * row,
-              row, dq + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, true);
+              row, dq + head_token_offset(t.h, t.q_row, total, D), D, true);
   }
 };
 #endif
@@ -376,7 +404,7 @@ struct Backward {
   const Products& products;
   const float* lse;     // [Hq, T]
   const float* delta;   // [Hq, T]
-  float* dq;            // [T, Hq, D] float32 accumulator
+  float* dq;            // [Hq, T, D] float32 accumulator (head-major)
   T* dk;                // [T, Hkv, D]
   T* dv;                // [T, Hkv, D]
   const int32_t* cu_seqlens;
@@ -486,7 +514,7 @@ void flash_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, co
   for (const WorkItem& seq : sequences(cu_seqlens, num_seqs, dims.total)) {
     for (int64_t block = 0; block < ceil_div(seq.cost, kBlockQ); ++block) {
       const int64_t keys = attention::key_end_for_queries(std::min((block + 1) * kBlockQ, seq.cost), seq.cost, causal);
-      for (int64_t h = 0; h < dims.heads_q; ++h) items.push_back({seq.seq, block, h, keys});
+      for (int64_t hk = 0; hk < dims.heads_kv; ++hk) items.push_back({seq.seq, block, hk, keys});
     }
   }
   INTERNLM2_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
@@ -520,7 +548,7 @@ void flash_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
   }
   // Keys of empty sequences get no item; their gradients (there are none: such sequences have no
   // tokens) need no zeroing, but dQ accumulates and starts at zero.
-  at::Tensor dq = grad_q.scalar_type() == at::kFloat ? grad_q.zero_() : at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor dq = at::zeros({dims.heads_q, dims.total, dims.dim}, q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({dims.heads_q, dims.total}, q.options().dtype(at::kFloat));
   INTERNLM2_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_backward_cpu", [&] {
     compute_delta<scalar_t>(grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), grad_lse, dims,
@@ -542,7 +570,7 @@ void flash_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
 #endif
     run(Fp32BackwardProducts(q, k, v, grad_out, dims));
   });
-  if (!dq.is_same(grad_q)) grad_q.copy_(dq);
+  grad_q.copy_(dq.transpose(0, 1));
 }
 
 }  // namespace internlm2::cpu::CPU_CAPABILITY

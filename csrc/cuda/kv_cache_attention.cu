@@ -14,6 +14,7 @@
 // the grid is sized from max_seqlen_q and the cache capacity S, so the op can be captured in a CUDA graph;
 // k_lengths are clamped to [0, S] on the device (a query that sees no key gets 0 and lse -inf).
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -31,7 +32,7 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kLanesPerRow = 8;                  // lanes sharing one query row
 constexpr int kRowsPerCta = 32 / kLanesPerRow;  // every warp holds all of the CTA's rows
-constexpr int kTileKeys = 32;                    // keys a warp scores per step
+constexpr int kTileKeys = 16;                    // keys a warp scores per step
 constexpr int kMinSplitKeys = 256;               // keys per split, at least
 constexpr int kMaxSplits = 64;
 constexpr int kMaxGridY = 65535;
@@ -69,6 +70,12 @@ __device__ __forceinline__ void load_floats(const T* src, float* dst) {
   }
 }
 
+// The keys [0, end) new token t of a sequence with q_len new queries and k_len keys sees: causal attention
+// is aligned to the end of the cache.
+__device__ __forceinline__ int key_end(int t, int q_len, int k_len, bool causal) {
+  return causal ? min(max(k_len - q_len + t + 1, 0), k_len) : k_len;
+}
+
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads) kv_cache_attention_kernel(const Params p) {
   constexpr int kSlice = kHeadDim / kLanesPerRow;  // dims per lane: 16 (D = 128) or 8 (D = 64)
@@ -87,14 +94,13 @@ __global__ void __launch_bounds__(kThreads) kv_cache_attention_kernel(const Para
   if (row0 >= rows) return;  // the whole CTA: this sequence has fewer rows than the longest one
 
   const int k_len = min(max(p.k_lengths[b], 0), static_cast<int>(p.capacity));
-  // The keys [0, end) new token t sees: causal attention is aligned to the end of the cache.
-  auto key_end = [&](int t) { return p.causal ? min(max(k_len - q_len + t + 1, 0), k_len) : k_len; };
   const int r = row0 + row_in_cta;
   const bool active = r < rows;
   const int t = active ? r / p.group : 0;
   const int h = hk * p.group + (active ? r % p.group : 0);
-  const int row_end = active ? key_end(t) : 0;
-  const int block_end = key_end((min(rows, row0 + kRowsPerCta) - 1) / p.group);  // the CTA's last row sees most
+  const int row_end = active ? key_end(t, q_len, k_len, p.causal) : 0;
+  // The CTA's last row sees the most keys.
+  const int block_end = key_end((min(rows, row0 + kRowsPerCta) - 1) / p.group, q_len, k_len, p.causal);
   const int64_t lo = min(static_cast<int64_t>(split) * p.split_keys, static_cast<int64_t>(block_end));
   const int hi = static_cast<int>(min(lo + p.split_keys, static_cast<int64_t>(block_end)));
 
@@ -136,15 +142,16 @@ __global__ void __launch_bounds__(kThreads) kv_cache_attention_kernel(const Para
       tile_max = fmaxf(tile_max, s[j]);
     }
     const float new_max = fmaxf(row_max, tile_max);
-    if (new_max == kNoKey) continue;  // this row sees none of the keys so far
-    const float alpha = exp2f(row_max - new_max);
+    // A row that has seen no key yet keeps max -inf: exponents against 0 then give alpha = p = 0.
+    const float base = new_max == kNoKey ? 0.f : new_max;
+    const float alpha = exp2f(row_max - base);
     row_sum *= alpha;
 #pragma unroll
     for (int e = 0; e < kSlice; ++e) acc[e] *= alpha;
 #pragma unroll
     for (int j = 0; j < kTileKeys; ++j) {
-      const float pj = exp2f(s[j] - new_max);
-      if (pj > 0.f) {  // masked keys (and keys past hi, which must not be read) have pj == 0
+      if (j0 + j < hi) {  // warp-uniform; masked keys below hi are valid memory and get p = 0
+        const float pj = exp2f(s[j] - base);
         row_sum += pj;
         float vf[kSlice];
         load_floats<T, kSlice>(v + int64_t(j0 + j) * kHeadDim, vf);
