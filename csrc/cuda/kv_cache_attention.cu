@@ -123,22 +123,22 @@ __global__ void __launch_bounds__(kThreads) kv_cache_attention_kernel(const Para
   for (int e = 0; e < kSlice; ++e) acc[e] = 0.f;
   float row_max = kNoKey, row_sum = 0.f;
 
+  // Keys past hi in a warp's last tile read row hi - 1 again (valid memory, cached) and are masked, so
+  // the tile loop has no branches.
+  const int visible_end = min(row_end, hi);
   for (int j0 = static_cast<int>(lo) + warp * kTileKeys; j0 < hi; j0 += kWarps * kTileKeys) {
     float s[kTileKeys];
     float tile_max = kNoKey;
 #pragma unroll
     for (int j = 0; j < kTileKeys; ++j) {
-      const int key = j0 + j;
+      float kf[kSlice];
+      load_floats<T, kSlice>(k + int64_t(min(j0 + j, hi - 1)) * kHeadDim, kf);
       float dot = 0.f;
-      if (key < hi) {  // the same for every lane of the warp: the shuffles below stay converged
-        float kf[kSlice];
-        load_floats<T, kSlice>(k + int64_t(key) * kHeadDim, kf);
 #pragma unroll
-        for (int e = 0; e < kSlice; ++e) dot = fmaf(qf[e], kf[e], dot);
-      }
+      for (int e = 0; e < kSlice; ++e) dot = fmaf(qf[e], kf[e], dot);
 #pragma unroll
       for (int offset = kLanesPerRow / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-      s[j] = key < hi && key < row_end ? dot : kNoKey;
+      s[j] = j0 + j < visible_end ? dot : kNoKey;
       tile_max = fmaxf(tile_max, s[j]);
     }
     const float new_max = fmaxf(row_max, tile_max);
@@ -150,14 +150,12 @@ __global__ void __launch_bounds__(kThreads) kv_cache_attention_kernel(const Para
     for (int e = 0; e < kSlice; ++e) acc[e] *= alpha;
 #pragma unroll
     for (int j = 0; j < kTileKeys; ++j) {
-      if (j0 + j < hi) {  // warp-uniform; masked keys below hi are valid memory and get p = 0
-        const float pj = exp2f(s[j] - base);
-        row_sum += pj;
-        float vf[kSlice];
-        load_floats<T, kSlice>(v + int64_t(j0 + j) * kHeadDim, vf);
+      const float pj = exp2f(s[j] - base);
+      row_sum += pj;
+      float vf[kSlice];
+      load_floats<T, kSlice>(v + int64_t(min(j0 + j, hi - 1)) * kHeadDim, vf);
 #pragma unroll
-        for (int e = 0; e < kSlice; ++e) acc[e] = fmaf(pj, vf[e], acc[e]);
-      }
+      for (int e = 0; e < kSlice; ++e) acc[e] = fmaf(pj, vf[e], acc[e]);
     }
     row_max = new_max;
   }
