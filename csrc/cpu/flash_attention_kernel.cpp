@@ -55,14 +55,27 @@ struct Dims {
   int64_t dim;       // D
 };
 
-// [T, H, D] -> [H, T, D] in `dtype`: the operand layout of every tile product that reads whole rows of
-// one head. In [T, H, D] those rows lie H * D elements apart, a power of two for the usual head counts,
-// so all rows of a tile fall into the same cache sets; head-major rows are D apart.
-at::Tensor head_major(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).transpose(0, 1).contiguous(); }
+// Rows of D elements of one head, as A or B operands: a [T, H, D] input used as it is (rows H * D apart)
+// or a head-major [H, T, D] copy (rows D apart).
+template <typename T>
+struct HeadRows {
+  at::Tensor owner;  // the copy, when one was made
+  const T* data;
+  int64_t token_stride;
+  int64_t head_stride;
+  const T* at(int64_t head, int64_t token) const { return data + head * head_stride + token * token_stride; }
+};
 
-// Element offset of (head, token, 0) in a head-major [H, T, D] tensor.
-inline int64_t head_token_offset(int64_t head, int64_t token, int64_t total, int64_t dim) {
-  return (head * total + token) * dim;
+// t's rows in dtype T: t itself when it has that dtype (unless `head_major`), else a head-major copy.
+// float32 rows H * D apart run as fast as a copy would (measured, Zen 4); bf16 rows H * D apart are often a
+// multiple of 4 KiB, all in the same L1 sets, and the bf16 kernels take a copy.
+template <typename T>
+HeadRows<T> head_rows(const at::Tensor& t, bool head_major) {
+  if (t.scalar_type() == c10::CppTypeToScalarType<T>::value && !head_major) {
+    return {t, t.const_data_ptr<T>(), t.size(1) * t.size(2), t.size(2)};
+  }
+  at::Tensor copy = t.to(c10::CppTypeToScalarType<T>::value).transpose(0, 1).contiguous();
+  return {copy, copy.const_data_ptr<T>(), t.size(2), t.size(0) * t.size(2)};
 }
 
 // [T, H, D] -> [H, D, ld_dst >= T]: the per-head transposed copy that turns Q K^T, dO V^T, P^T dO and
@@ -119,17 +132,17 @@ inline void zero_tail(float* row, int64_t from, int64_t to) { std::fill(row + fr
 
 // ---------------------------------------------------------------------------------------------- forward
 
-// The forward's two tile products in float32, on every instruction set: Q and V converted to float32
-// head-major, K transposed to [Hkv, D, T], so both are row-major brgemms.
+// The forward's two tile products in float32, on every instruction set: Q and V as float32 rows (head_rows),
+// K transposed to [Hkv, D, T], so both are row-major brgemms.
 struct Fp32ForwardProducts {
-  at::Tensor q_, kt_, v_;
-  const float *q, *kt, *v;
+  HeadRows<float> q, v;
+  at::Tensor kt_;
+  const float* kt;
   Dims dims;
 
   Fp32ForwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const Dims& d)
-      : q_(head_major(q_in, at::kFloat)), kt_(transposed_float(k_in)), v_(head_major(v_in, at::kFloat)),
-        q(q_.const_data_ptr<float>()),
-        kt(kt_.const_data_ptr<float>()), v(v_.const_data_ptr<float>()), dims(d) {}
+      : q(head_rows<float>(q_in, false)), v(head_rows<float>(v_in, false)), kt_(transposed_float(k_in)),
+        kt(kt_.const_data_ptr<float>()), dims(d) {}
 
   struct Scratch {};
   Scratch make_scratch() const { return {}; }
@@ -138,13 +151,13 @@ struct Fp32ForwardProducts {
   void scores(int64_t h, int64_t hk, int64_t q_row, int64_t m, int64_t k_row, int64_t n, float* s, Scratch&) const {
     const auto [total, Hq, Hkv, D] = dims;
     const int64_t ld = transposed_row(total);
-    gemm(m, n, D, q + head_token_offset(h, q_row, total, D), D, kt + hk * D * ld + k_row, ld, s, kBlockK, false);
+    gemm(m, n, D, q.at(h, q_row), q.token_stride, kt + hk * D * ld + k_row, ld, s, kBlockK, false);
   }
 
   // acc [m, D] += P V with p [m, n] (leading dimension kBlockK).
   void accumulate(int64_t hk, int64_t m, int64_t k_row, int64_t n, const float* p, float* acc, Scratch&) const {
     const auto [total, Hq, Hkv, D] = dims;
-    gemm(m, D, n, p, kBlockK, v + head_token_offset(hk, k_row, total, D), D, acc, D, true);
+    gemm(m, D, n, p, kBlockK, v.at(hk, k_row), v.token_stride, acc, D, true);
   }
 };
 
@@ -214,12 +227,13 @@ inline int64_t rows_on_token_pairs(const float* src, int64_t m, int64_t n, int64
 // pairs of dims, P V with V in pairs of tokens and P rounded to bf16, as FlashAttention does on GPUs.
 struct Bf16DotForwardProducts {
   Dims dims;
-  at::Tensor q_, kt_, vp_;
-  const bf16 *q, *kt, *vp;
+  HeadRows<bf16> q;
+  at::Tensor kt_, vp_;
+  const bf16 *kt, *vp;
 
   Bf16DotForwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const Dims& d)
-      : dims(d), q_(head_major(q_in, at::kBFloat16)), kt_(dim_pairs(k_in)), vp_(token_pairs(v_in)),
-        q(q_.const_data_ptr<bf16>()), kt(kt_.const_data_ptr<bf16>()), vp(vp_.const_data_ptr<bf16>()) {}
+      : dims(d), q(head_rows<bf16>(q_in, true)), kt_(dim_pairs(k_in)), vp_(token_pairs(v_in)), kt(kt_.const_data_ptr<bf16>()),
+        vp(vp_.const_data_ptr<bf16>()) {}
 
   struct Scratch {
     std::vector<bf16> p_rows = std::vector<bf16>(kBlockQ * kPairedKeysRow);
@@ -228,7 +242,7 @@ struct Bf16DotForwardProducts {
 
   void scores(int64_t h, int64_t hk, int64_t q_row, int64_t m, int64_t k_row, int64_t n, float* s, Scratch&) const {
     const auto [total, Hq, Hkv, D] = dims;
-    gemm_bf16(m, n, D, q + head_token_offset(h, q_row, total, D), D, kt + hk * (D / 2) * dim_pairs_row(total) + 2 * k_row,
+    gemm_bf16(m, n, D, q.at(h, q_row), q.token_stride, kt + hk * (D / 2) * dim_pairs_row(total) + 2 * k_row,
               dim_pairs_row(total), s, kBlockK, false);
   }
 
@@ -305,44 +319,49 @@ struct BwdTile {
   int64_t h, hk, i0, m, j0, n, q_row, k_row;
 };
 
-// The backward's five tile products in float32, on every instruction set: Q, K, dO converted to float32
-// head-major, and Q, K, V, dO transposed to [H, D, T] once, so each product is a row-major brgemm.
+// The backward's five tile products in float32, on every instruction set: Q, K, dO as float32 rows
+// (head_rows) and K, V transposed to [Hkv, D, T] once, so each product is a row-major brgemm; dV and dK of
+// a key block are key-major [n, D], accumulated from the tile's P^T and dS^T (transposed in L1), so Q and
+// dO need no transposed copies.
 struct Fp32BackwardProducts {
-  at::Tensor q_, qt_, k_, kt_, vt_, dout_, doutt_;  // owners of the pointers below
-  const float *q, *qt, *k, *kt, *vt, *dout, *doutt;
+  HeadRows<float> q, k, dout;
+  at::Tensor kt_, vt_;
+  const float *kt, *vt;
   Dims dims;
 
-  Fp32BackwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& grad_out,
-               const Dims& d)
-      : q_(head_major(q_in, at::kFloat)), qt_(transposed_float(q_in)), k_(head_major(k_in, at::kFloat)),
-        kt_(transposed_float(k_in)), vt_(transposed_float(v_in)), dout_(head_major(grad_out, at::kFloat)),
-        doutt_(transposed_float(grad_out)),
-        q(q_.const_data_ptr<float>()), qt(qt_.const_data_ptr<float>()), k(k_.const_data_ptr<float>()),
-        kt(kt_.const_data_ptr<float>()), vt(vt_.const_data_ptr<float>()), dout(dout_.const_data_ptr<float>()),
-        doutt(doutt_.const_data_ptr<float>()), dims(d) {}
+  // The layout of the key block's dK/dV accumulators: [n, D] (key-major) here, [D, n] for bf16.
+  static constexpr bool kKeyMajorGrads = true;
 
-  struct Scratch {};
+  Fp32BackwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& grad_out,
+                       const Dims& d)
+      : q(head_rows<float>(q_in, false)), k(head_rows<float>(k_in, false)), dout(head_rows<float>(grad_out, false)),
+        kt_(transposed_float(k_in)), vt_(transposed_float(v_in)), kt(kt_.const_data_ptr<float>()),
+        vt(vt_.const_data_ptr<float>()), dims(d) {}
+
+  struct Scratch {
+    std::vector<float> transposed = std::vector<float>(kBlockK * kBlockQ);  // P^T or dS^T [n, m]
+  };
   Scratch make_scratch() const { return {}; }
 
   // s = Q K^T and dp = dO V^T, [m, n] with leading dimension kBlockK.
   void scores(const BwdTile& t, float* s, float* dp, Scratch&) const {
     const auto [total, Hq, Hkv, D] = dims;
     const int64_t ld = transposed_row(total);
-    gemm(t.m, t.n, D, q + head_token_offset(t.h, t.q_row, total, D), D, kt + t.hk * D * ld + t.k_row, ld, s, kBlockK,
-         false);
-    gemm(t.m, t.n, D, dout + head_token_offset(t.h, t.q_row, total, D), D, vt + t.hk * D * ld + t.k_row, ld, dp,
-         kBlockK, false);
+    gemm(t.m, t.n, D, q.at(t.h, t.q_row), q.token_stride, kt + t.hk * D * ld + t.k_row, ld, s, kBlockK, false);
+    gemm(t.m, t.n, D, dout.at(t.h, t.q_row), dout.token_stride, vt + t.hk * D * ld + t.k_row, ld, dp, kBlockK, false);
   }
 
-  // dV^T += dO^T P and dK^T += Q^T dS ([D, n], leading dimension kBlockK), dQ += dS K (float32 [Hq, T, D]).
-  void accumulate(const BwdTile& t, const float* p, const float* ds, float* dkt, float* dvt, float* dq,
-                  Scratch&) const {
+  // dV += P^T dO and dK += dS^T Q ([n, D] accumulators), dQ += dS K (float32 [T, Hq, D]).
+  void accumulate(const BwdTile& t, const float* p, const float* ds, float* dk, float* dv, float* dq,
+                  Scratch& scratch) const {
     const auto [total, Hq, Hkv, D] = dims;
-    const int64_t ld = transposed_row(total);
-    gemm(D, t.n, t.m, doutt + t.h * D * ld + t.q_row, ld, p, kBlockK, dvt, kBlockK, true);
-    gemm(D, t.n, t.m, qt + t.h * D * ld + t.q_row, ld, ds, kBlockK, dkt, kBlockK, true);
-    gemm(t.m, D, t.n, ds, kBlockK, k + head_token_offset(t.hk, t.k_row, total, D), D,
-         dq + head_token_offset(t.h, t.q_row, total, D), D, true);
+    float* transposed = scratch.transposed.data();
+    at::vec::transpose_mxn<float>(p, kBlockK, transposed, kBlockQ, static_cast<int>(t.m), static_cast<int>(t.n));
+    gemm(t.n, D, t.m, transposed, kBlockQ, dout.at(t.h, t.q_row), dout.token_stride, dv, D, true);
+    at::vec::transpose_mxn<float>(ds, kBlockK, transposed, kBlockQ, static_cast<int>(t.m), static_cast<int>(t.n));
+    gemm(t.n, D, t.m, transposed, kBlockQ, q.at(t.h, t.q_row), q.token_stride, dk, D, true);
+    gemm(t.m, D, t.n, ds, kBlockK, k.at(t.hk, t.k_row), k.token_stride, dq + token_head_offset(t.q_row, t.h, Hq, D),
+         Hq * D, true);
   }
 };
 
@@ -352,17 +371,18 @@ struct Fp32BackwardProducts {
 // (B of S and dP) and K in pairs of tokens (B of dQ). P and dS are rounded to bf16 per tile.
 struct Bf16DotBackwardProducts {
   Dims dims;
-  at::Tensor q_, dout_, qt_, doutt_, kt_, vt_, kp_;
-  const bf16 *q, *dout, *qt, *doutt, *kt, *vt, *kp;
+  HeadRows<bf16> q, dout;
+  at::Tensor qt_, doutt_, kt_, vt_, kp_;
+  const bf16 *qt, *doutt, *kt, *vt, *kp;
 
   Bf16DotBackwardProducts(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                           const at::Tensor& grad_out, const Dims& d)
-      : dims(d), q_(head_major(q_in, at::kBFloat16)), dout_(head_major(grad_out, at::kBFloat16)),
-        qt_(transposed_bf16(q_in)), doutt_(transposed_bf16(grad_out)), kt_(dim_pairs(k_in)), vt_(dim_pairs(v_in)),
-        kp_(token_pairs(k_in)), q(q_.const_data_ptr<bf16>()), dout(dout_.const_data_ptr<bf16>()),
+      : dims(d), q(head_rows<bf16>(q_in, true)), dout(head_rows<bf16>(grad_out, true)), qt_(transposed_bf16(q_in)),
+        doutt_(transposed_bf16(grad_out)), kt_(dim_pairs(k_in)), vt_(dim_pairs(v_in)), kp_(token_pairs(k_in)),
         qt(qt_.const_data_ptr<bf16>()), doutt(doutt_.const_data_ptr<bf16>()), kt(kt_.const_data_ptr<bf16>()),
         vt(vt_.const_data_ptr<bf16>()), kp(kp_.const_data_ptr<bf16>()) {}
 
+  static constexpr bool kKeyMajorGrads = false;  // dK^T, dV^T [D, n]: P and dS are the B operands
   static constexpr int64_t kPairedTileRow = pair_row_elements(kBlockK);
   struct Scratch {
     std::vector<bf16> p_pairs = std::vector<bf16>(kBlockQ / 2 * kPairedTileRow);
@@ -374,10 +394,8 @@ struct Bf16DotBackwardProducts {
   void scores(const BwdTile& t, float* s, float* dp, Scratch&) const {
     const auto [total, Hq, Hkv, D] = dims;
     const int64_t ld = dim_pairs_row(total), head = t.hk * (D / 2) * ld;
-    gemm_bf16(t.m, t.n, D, q + head_token_offset(t.h, t.q_row, total, D), D, kt + head + 2 * t.k_row, ld, s, kBlockK,
-              false);
-    gemm_bf16(t.m, t.n, D, dout + head_token_offset(t.h, t.q_row, total, D), D, vt + head + 2 * t.k_row, ld, dp,
-              kBlockK, false);
+    gemm_bf16(t.m, t.n, D, q.at(t.h, t.q_row), q.token_stride, kt + head + 2 * t.k_row, ld, s, kBlockK, false);
+    gemm_bf16(t.m, t.n, D, dout.at(t.h, t.q_row), dout.token_stride, vt + head + 2 * t.k_row, ld, dp, kBlockK, false);
   }
 
   void accumulate(const BwdTile& t, const float* p, const float* ds, float* dkt, float* dvt, float* dq,
@@ -393,7 +411,7 @@ struct Bf16DotBackwardProducts {
     const int64_t keys = rows_on_token_pairs(ds, t.m, t.n, kBlockK, t.k_row, scratch.ds_rows.data());
     const int64_t row = pair_row_elements(D);
     gemm_bf16(t.m, D, keys, scratch.ds_rows.data(), kPairedKeysRow, kp + (t.hk * (total / 2 + 1) + t.k_row / 2) * row,
-              row, dq + head_token_offset(t.h, t.q_row, total, D), D, true);
+              row, dq + token_head_offset(t.q_row, t.h, Hq, D), Hq * D, true);
   }
 };
 #endif
@@ -404,7 +422,7 @@ struct Backward {
   const Products& products;
   const float* lse;     // [Hq, T]
   const float* delta;   // [Hq, T]
-  float* dq;            // [Hq, T, D] float32 accumulator (head-major)
+  float* dq;            // [T, Hq, D] float32 accumulator
   T* dk;                // [T, Hkv, D]
   T* dv;                // [T, Hkv, D]
   const int32_t* cu_seqlens;
@@ -414,21 +432,22 @@ struct Backward {
 
   auto make_worker() const {
     return [this, p = std::vector<float>(kBlockQ * kBlockK), ds = std::vector<float>(kBlockQ * kBlockK),
-            dkt = std::vector<float>(dims.dim * kBlockK), dvt = std::vector<float>(dims.dim * kBlockK),
+            dk_acc = std::vector<float>(dims.dim * kBlockK), dv_acc = std::vector<float>(dims.dim * kBlockK),
             scratch = products.make_scratch()](const WorkItem& item) mutable {
-      run(item, p.data(), ds.data(), dkt.data(), dvt.data(), scratch);
+      run(item, p.data(), ds.data(), dk_acc.data(), dv_acc.data(), scratch);
     };
   }
 
-  void run(const WorkItem& item, float* p, float* ds, float* dkt, float* dvt,
+  // dk_acc/dv_acc: the key block's dK and dV, float32 in Products' layout ([n, D] or [D, n]).
+  void run(const WorkItem& item, float* p, float* ds, float* dk_acc, float* dv_acc,
            typename Products::Scratch& scratch) const {
     const auto [total, Hq, Hkv, D] = dims;
     const SeqSpan span = sequence_span(cu_seqlens, item.seq, total);
     const int64_t hk = item.head, group = Hq / Hkv;
     for (int64_t j0 = 0; j0 < span.length; j0 += kBlockK) {
       const int64_t n = std::min(kBlockK, span.length - j0);
-      std::fill(dkt, dkt + D * kBlockK, 0.f);
-      std::fill(dvt, dvt + D * kBlockK, 0.f);
+      std::fill(dk_acc, dk_acc + D * kBlockK, 0.f);
+      std::fill(dv_acc, dv_acc + D * kBlockK, 0.f);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t first_block = attention::query_begin_for_keys(j0, causal) / kBlockQ;
         for (int64_t i0 = first_block * kBlockQ; i0 < span.length; i0 += kBlockQ) {
@@ -437,22 +456,23 @@ struct Backward {
           if (mask == TileMask::kEmpty) continue;
           // Keys past the block's last query are masked for all its rows: a diagonal tile stops there.
           const int64_t keys = mask == TileMask::kPartial ? std::min(n, i0 + m - j0) : n;
-          tile({h, hk, i0, m, j0, keys, span.start + i0, span.start + j0}, mask == TileMask::kPartial, p, ds, dkt,
-               dvt, scratch);
+          tile({h, hk, i0, m, j0, keys, span.start + i0, span.start + j0}, mask == TileMask::kPartial, p, ds, dk_acc,
+               dv_acc, scratch);
         }
       }
       for (int64_t c = 0; c < n; ++c) {
         T* dk_row = dk + token_head_offset(span.start + j0 + c, hk, Hkv, D);
         T* dv_row = dv + token_head_offset(span.start + j0 + c, hk, Hkv, D);
         for (int64_t d = 0; d < D; ++d) {
-          dk_row[d] = static_cast<T>(dkt[d * kBlockK + c]);
-          dv_row[d] = static_cast<T>(dvt[d * kBlockK + c]);
+          const int64_t at = Products::kKeyMajorGrads ? c * D + d : d * kBlockK + c;
+          dk_row[d] = static_cast<T>(dk_acc[at]);
+          dv_row[d] = static_cast<T>(dv_acc[at]);
         }
       }
     }
   }
 
-  void tile(const BwdTile& t, bool partial, float* p, float* ds, float* dkt, float* dvt,
+  void tile(const BwdTile& t, bool partial, float* p, float* ds, float* dk_acc, float* dv_acc,
             typename Products::Scratch& scratch) const {
     const int64_t total = dims.total;
     products.scores(t, p, ds, scratch);
@@ -471,7 +491,7 @@ struct Backward {
       zero_tail(pr, cnt, t.n);
       zero_tail(dsr, cnt, t.n);
     }
-    products.accumulate(t, p, ds, dkt, dvt, dq, scratch);
+    products.accumulate(t, p, ds, dk_acc, dv_acc, dq, scratch);
   }
 };
 
@@ -548,7 +568,7 @@ void flash_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
   }
   // Keys of empty sequences get no item; their gradients (there are none: such sequences have no
   // tokens) need no zeroing, but dQ accumulates and starts at zero.
-  at::Tensor dq = at::zeros({dims.heads_q, dims.total, dims.dim}, q.options().dtype(at::kFloat));
+  at::Tensor dq = grad_q.scalar_type() == at::kFloat ? grad_q.zero_() : at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({dims.heads_q, dims.total}, q.options().dtype(at::kFloat));
   INTERNLM2_DISPATCH_FLOAT_TYPES(q.scalar_type(), "flash_attention_backward_cpu", [&] {
     compute_delta<scalar_t>(grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), grad_lse, dims,
@@ -570,7 +590,7 @@ void flash_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
 #endif
     run(Fp32BackwardProducts(q, k, v, grad_out, dims));
   });
-  grad_q.copy_(dq.transpose(0, 1));
+  if (!dq.is_same(grad_q)) grad_q.copy_(dq);
 }
 
 }  // namespace internlm2::cpu::CPU_CAPABILITY
