@@ -60,5 +60,5 @@ class Attention(nn.Module):
             if cache is not None:
                 cache.write_prefill(self.layer_id, k, v, packing)
         else:
-            out = cache.decode_attention(self.layer_id, q, k, v)
+            out = cache.decode_attention(self.layer_id, q, k, v, kernels.kv_cache_attention)
         return self.wo(out.reshape(tokens, self.local_heads * d))
