@@ -71,7 +71,8 @@ def test_two_node_sft_job_trains_like_one_process(slurm_cluster, data_dir, tmp_p
     configs = {}
     for name, layout in (("two nodes", TWO_RANKS), ("single", {})):
         (tmp_path / name).mkdir()
-        cfg = sft_config(data_dir, tmp_path / name / "run", pretrained / "hf", **{"stages.0.steps": 4}, **layout)
+        cfg = sft_config(data_dir, tmp_path / name / "run", pretrained / "hf", **{"stages.0.steps": 4, "eval.rows": 4},
+                         **layout)
         configs[name] = write_config(cfg, tmp_path / name / "config.yaml")
     job = submit(slurm_cluster, "sft", configs["two nodes"], nodes=2)
     assert sft_cli(configs["single"]).returncode == 0  # meanwhile, on one process
