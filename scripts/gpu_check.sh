@@ -291,7 +291,8 @@ step_benchmarks() {
   local benchmarks i t rc share argv
   if [ "$MODE" = gpu ]; then
     benchmarks=("benchmarks.bench_flash_attention_cuda --quick" "benchmarks.bench_rms_norm --device cuda"
-                "benchmarks.bench_swiglu_cuda" "benchmarks.bench_rope_cuda" "benchmarks.bench_linear_cross_entropy_cuda")
+                "benchmarks.bench_swiglu_cuda" "benchmarks.bench_rope_cuda" "benchmarks.bench_linear_cross_entropy_cuda"
+                "benchmarks.bench_kv_cache_attention --device cuda --dtypes bfloat16 --repeats 3")
   else
     benchmarks=("benchmarks.bench_rms_norm --device cpu --repeats 3" "benchmarks.bench_swiglu_cpu --repeats 3"
                 "benchmarks.bench_rope_cpu --repeats 3")
