@@ -16,5 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class EvalError(ValueError):
-    """Bad input to an evaluation (the message names the option or file)."""
+from internlm2.errors import UserError
+
+
+class EvalError(UserError):
+    """Bad input to an evaluation (the message names the option or file); the CLI prints it as one line."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from collections.abc import Iterator
 
 from internlm2.eval import EvalError
@@ -56,24 +55,19 @@ def documents(fmt: PasskeyFormat, seq_len: int, rows: int, key_digits: int, seed
 
 
 def run(args: argparse.Namespace) -> int:
-    from internlm2.data.errors import DataError
     from internlm2.data.prepare import write_token_documents
     from internlm2.data.tokenizer import Tokenizer
 
-    try:
-        if args.rows < 1 or not 1 <= args.key_digits <= 18:
-            raise EvalError(f"--rows must be >= 1 and --key-digits within [1, 18], got {args.rows}, {args.key_digits}")
-        tokenizer = Tokenizer.load(args.tokenizer)
-        if tokenizer.eos_id < 0:
-            raise EvalError(f"{args.tokenizer}: the tokenizer has no EOS token to end the documents")
-        fmt = PasskeyFormat(tokenizer)
-        source = (f"passkey documents: seq_len {args.seq_len}, rows {args.rows}, key_digits {args.key_digits}, "
-                  f"seed {args.seed}")
-        summary = write_token_documents(args.out, documents(fmt, args.seq_len, args.rows, args.key_digits, args.seed),
-                                        tokenizer, source)
-    except (EvalError, DataError) as err:
-        print(f"internlm2 eval passkey-data: {err}", file=sys.stderr)
-        return 1
+    if args.rows < 1 or not 1 <= args.key_digits <= 18:
+        raise EvalError(f"--rows must be >= 1 and --key-digits within [1, 18], got {args.rows}, {args.key_digits}")
+    tokenizer = Tokenizer.load(args.tokenizer)
+    if tokenizer.eos_id < 0:
+        raise EvalError(f"{args.tokenizer}: the tokenizer has no EOS token to end the documents")
+    fmt = PasskeyFormat(tokenizer)
+    source = (f"passkey documents: seq_len {args.seq_len}, rows {args.rows}, key_digits {args.key_digits}, "
+              f"seed {args.seed}")
+    summary = write_token_documents(args.out, documents(fmt, args.seq_len, args.rows, args.key_digits, args.seed),
+                                    tokenizer, source)
     print(f"{args.out}: {summary['num_docs']} passkey documents, {summary['num_tokens']} tokens "
           f"({args.rows} rows of {args.seq_len})")
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,32 +74,24 @@ def summarize(losses: np.ndarray, buckets: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from internlm2.data.errors import DataError
     from internlm2.data.prepared import PreparedDataset
     from internlm2.eval.memory import check_fits, estimate
     from internlm2.eval.model_access import Checkpoint
     from internlm2.eval.plots import loss_by_position
 
-    try:
-        for name in ("seq_len", "docs", "buckets", "batch_size"):
-            if getattr(args, name) < 1:
-                raise EvalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        if args.buckets > args.seq_len:
-            raise EvalError(f"--buckets {args.buckets} is more than the {args.seq_len} positions")
-        checkpoint = Checkpoint(args)
-        try:
-            data = PreparedDataset(args.data, checkpoint.tokenizer.fingerprint)
-        except DataError as err:
-            raise EvalError(str(err)) from None
-        docs = long_documents(data, args.seq_len, args.docs)
-        batch = min(args.batch_size, len(docs))
-        need = estimate(checkpoint.config, length=args.seq_len, batch=batch, new_tokens=0, dtype=checkpoint.dtype,
-                        kv_cache=False, all_logits=checkpoint.config.kernels == "reference")
-        what = f"--seq-len {args.seq_len} with batch size {batch}"
-        check_fits(need, checkpoint.device, what)
-    except EvalError as err:
-        print(f"internlm2 eval perplexity: {err}", file=sys.stderr)
-        return 1
+    for name in ("seq_len", "docs", "buckets", "batch_size"):
+        if getattr(args, name) < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.buckets > args.seq_len:
+        raise EvalError(f"--buckets {args.buckets} is more than the {args.seq_len} positions")
+    checkpoint = Checkpoint(args)
+    data = PreparedDataset(args.data, checkpoint.tokenizer.fingerprint)
+    docs = long_documents(data, args.seq_len, args.docs)
+    batch = min(args.batch_size, len(docs))
+    need = estimate(checkpoint.config, length=args.seq_len, batch=batch, new_tokens=0, dtype=checkpoint.dtype,
+                    kv_cache=False, all_logits=checkpoint.config.kernels == "reference")
+    what = f"--seq-len {args.seq_len} with batch size {batch}"
+    check_fits(need, checkpoint.device, what)
     print(f"eval perplexity: {len(docs)} documents; {what} needs {need.describe()}", flush=True)
     losses = position_losses(checkpoint.load(), data, docs, args.seq_len, args.batch_size)
     summary = summarize(losses, args.buckets)

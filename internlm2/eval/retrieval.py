@@ -17,7 +17,6 @@ import argparse
 import json
 import random
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -194,21 +193,17 @@ def run_command(args: argparse.Namespace, name: str, make_task: Callable) -> int
     from internlm2.eval.memory import check_fits, estimate
     from internlm2.eval.model_access import Checkpoint, GreedyAnswerer
 
-    try:
-        if args.batch_size < 1:
-            raise EvalError(f"--batch-size must be at least 1, got {args.batch_size}")
-        cells = grid(args.lengths, args.depths, args.repeats)
-        checkpoint = Checkpoint(args)
-        task = make_task(args, checkpoint.tokenizer)
-        longest = max(args.lengths)
-        batch = min(args.batch_size, len(args.depths) * args.repeats)
-        need = estimate(checkpoint.config, length=longest, batch=batch, new_tokens=32, dtype=checkpoint.dtype)
-        what = f"length {longest} with batch size {batch}"
-        check_fits(need, checkpoint.device, what)
-        prompts = make_prompts(task, cells, args.seed)
-    except EvalError as err:
-        print(f"internlm2 eval {name}: {err}", file=sys.stderr)
-        return 1
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size must be at least 1, got {args.batch_size}")
+    cells = grid(args.lengths, args.depths, args.repeats)
+    checkpoint = Checkpoint(args)
+    task = make_task(args, checkpoint.tokenizer)
+    longest = max(args.lengths)
+    batch = min(args.batch_size, len(args.depths) * args.repeats)
+    need = estimate(checkpoint.config, length=longest, batch=batch, new_tokens=32, dtype=checkpoint.dtype)
+    what = f"length {longest} with batch size {batch}"
+    check_fits(need, checkpoint.device, what)
+    prompts = make_prompts(task, cells, args.seed)
     print(f"eval {name}: {len(cells)} cells; {what} needs {need.describe()}", flush=True)
     tokenizer = checkpoint.tokenizer
     answerer = GreedyAnswerer(checkpoint.load(), tuple(i for i in (tokenizer.eos_id,) if i >= 0))

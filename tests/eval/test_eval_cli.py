@@ -84,10 +84,10 @@ def test_perplexity_cli_buckets_equal_the_loss_from_full_logits(tiny_checkpoint,
     assert [(b["start"], b["end"]) for b in result["buckets"]] == [(0, 24), (24, 48), (48, 72), (72, 96)]
 
 
-def _error(capsys, *argv) -> str:
-    assert _eval(*argv) == 1
+def _error(capsys, task, *argv) -> str:
+    assert _eval(task, *argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
+    assert len(lines) == 1 and lines[0].startswith(f"internlm2 eval {task}: error: "), lines
     return lines[0]
 
 

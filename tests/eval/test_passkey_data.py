@@ -46,6 +46,6 @@ def test_passkey_data_mixes_by_weight_with_a_corpus(small_tokenizer, tmp_path):
 
 def test_passkey_data_refuses_a_row_shorter_than_one_document(small_tokenizer, tmp_path, capsys):
     assert cli_main(["eval", "passkey-data", "--tokenizer", small_tokenizer.source, "--out", str(tmp_path / "pk"),
-                     "--seq-len", "50", "--rows", "2"]) == 1
+                     "--seq-len", "50", "--rows", "2"]) == 2
     assert "--seq-len 50 is shorter than the shortest passkey document" in capsys.readouterr().err
     assert not (tmp_path / "pk").exists() and not (tmp_path / ".pk.tmp").exists()
