@@ -1,0 +1,70 @@
+"""`internlm2 train-rm --config FILE [--set key=value ...]`: train a (conditional) reward model, resuming if
+interrupted.
+
+Launched like `internlm2 sft` (one process, torchrun, slurm), on any layout it takes. The run directory gets
+what an SFT run's does (metrics.jsonl with the training and held-out `eval_*` metrics, checkpoints,
+config.yaml, metrics.png) and `hf/`: the reward model in InternLM2's released layout
+(`InternLM2ForRewardModel`, `reward_token_id` in config.json) with `conditions.json`, the domain prompts,
+so that `internlm2 score --model RUN/hf --condition NAME` scores as training did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from internlm2.train.pretrain_command import add_arguments  # the same options: --config, --set
+
+__all__ = ["add_arguments", "run"]
+
+
+def finish(trainer) -> None:
+    """Rank 0, after the process group is gone: HF export of the final checkpoint with its conditions, plots,
+    the held-out summary."""
+    import torch
+
+    from internlm2.rlhf.rm_training import write_conditions
+    from internlm2.train.export import export_hf
+    from internlm2.train.metrics_log import read_metrics
+    from internlm2.train.plot import draw
+
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    final = trainer.checkpoints.latest()
+    if cfg.checkpoint.export_hf and final is not None:
+        out = export_hf(final, run_dir / "hf", tokenizer_directory=trainer.data.tokenizer, dtype=torch.float32,
+                        overwrite=True)
+        write_conditions(cfg.rm.conditions, out)
+        print(f"exported {final.name} to {out} (reward token {cfg.model['reward_token_id']}, conditions: "
+              f"{', '.join(cfg.rm.conditions) or 'none'})")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    draw(records, run_dir / "metrics.png", title=run_dir.resolve().name)
+    print(f"plots: {run_dir / 'metrics.png'}")
+    held_out = [r for r in records if "eval_accuracy" in r]
+    if held_out:
+        last = held_out[-1]
+        by_condition = ", ".join(f"{k.removeprefix('eval_accuracy/')} {v:.1%}" for k, v in sorted(last.items())
+                                 if k.startswith("eval_accuracy/") and v == v)  # v == v: no NaN (no such pairs)
+        print(f"held-out pairs at step {last['step']}: accuracy {last['eval_accuracy']:.1%} ({by_condition}), "
+              f"margin {last['eval_margin']:.3f}, loss {last['eval_loss']:.4f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from internlm2.config import load_config
+    from internlm2.rlhf.rm_training import RMConfig, RMTask
+    from internlm2.train.preemption import StoppedEarly
+    from internlm2.train.trainer import Trainer
+
+    cfg = load_config(RMConfig, args.config, args.set)
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    trainer = Trainer(cfg, RMTask(cfg, report=(lambda line: print(line, flush=True)) if first_rank else None))
+    try:
+        trainer.run()
+    except StoppedEarly as stop:  # a scheduler or a user asked; the checkpoint is saved: no export yet
+        trainer.runtime.close()
+        if trainer.rank == 0:
+            print(f"internlm2 train-rm: {stop}", flush=True)
+        return 0
+    trainer.runtime.close()
+    if trainer.rank == 0:
+        finish(trainer)
+    return 0
