@@ -9,8 +9,9 @@ Every domain sees the same prompts; what it prefers:
   the task's verifier (`is_correct`).
 
 So a reward model that does not see the domain cannot be right on both `concise` and `explained`; one
-conditioned on the domain's system prompt (`DOMAIN_PROMPTS`) can. Records are in the preference JSONL
-format (internlm2/data/preference.py), the domain in `condition` (or none, `conditional=False`).
+conditioned on the domain's system prompt can (the prompts' texts are the reward model's configuration,
+configs/rm-tiny.yaml). Records are in the preference JSONL format (internlm2/data/preference.py), the
+domain in `condition` (or none, `conditional=False`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,7 @@ import random
 from internlm2.errors import UserError
 from internlm2.tasks.verifiable import Example, explained_answer, is_correct, make_examples, wrong_answer
 
-DOMAIN_PROMPTS = {
-    "concise": "Answer with the result only: no words, no explanation.",
-    "explained": "Answer in a full sentence that says what was done.",
-    "correct": "The answer must be correct; its form does not matter.",
-}
-DOMAINS = tuple(DOMAIN_PROMPTS)
+DOMAINS = ("concise", "explained", "correct")
 
 
 def _responses(domain: str, example: Example, rng: random.Random) -> tuple[str, str]:
@@ -44,7 +40,7 @@ def _responses(domain: str, example: Example, rng: random.Random) -> tuple[str, 
 
 
 def preference_record(domain: str, example: Example, rng: random.Random, conditional: bool = True) -> dict:
-    if domain not in DOMAIN_PROMPTS:
+    if domain not in DOMAINS:
         raise UserError(f"unknown domain {domain!r}; the domains are {DOMAINS}")
     if example.reference[0].role != "assistant" or len(example.reference) != 1:
         raise UserError(f"task {example.task}: preference pairs need a one-turn answer (no tool call)")
