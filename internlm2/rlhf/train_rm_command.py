@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from internlm2.train.pretrain_command import add_arguments  # the same options: --config, --set
+from internlm2.train.pretrain_command import add_arguments, train_then_finish  # the same options
 
 __all__ = ["add_arguments", "run"]
 
@@ -51,20 +51,9 @@ def finish(trainer) -> None:
 def run(args: argparse.Namespace) -> int:
     from internlm2.config import load_config
     from internlm2.rlhf.rm_training import RMConfig, RMTask
-    from internlm2.train.preemption import StoppedEarly
     from internlm2.train.trainer import Trainer
 
     cfg = load_config(RMConfig, args.config, args.set)
     first_rank = int(os.environ.get("RANK", "0")) == 0
     trainer = Trainer(cfg, RMTask(cfg, report=(lambda line: print(line, flush=True)) if first_rank else None))
-    try:
-        trainer.run()
-    except StoppedEarly as stop:  # a scheduler or a user asked; the checkpoint is saved: no export yet
-        trainer.runtime.close()
-        if trainer.rank == 0:
-            print(f"internlm2 train-rm: {stop}", flush=True)
-        return 0
-    trainer.runtime.close()
-    if trainer.rank == 0:
-        finish(trainer)
-    return 0
+    return train_then_finish(trainer, "train-rm", finish)

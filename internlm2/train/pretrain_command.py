@@ -58,20 +58,25 @@ def finish(trainer) -> None:
               f"data {baseline:.3f} (a model that ignores context)")
 
 
-def run(args: argparse.Namespace) -> int:
+def train_then_finish(trainer, command: str, finish) -> int:
+    """Runs `trainer`; when it ends, rank 0 calls `finish(trainer)` (export, plots) after the process group
+    is gone. A run stopped early (a scheduler or a user asked) has saved its checkpoint: no export yet."""
     from internlm2.train.preemption import StoppedEarly
-    from internlm2.train.trainer import Trainer
 
-    cfg = load_config(TrainConfig, args.config, args.set)
-    trainer = Trainer(cfg)
     try:
         trainer.run()
-    except StoppedEarly as stop:  # a scheduler or a user asked; the checkpoint is saved: no export yet
+    except StoppedEarly as stop:
         trainer.runtime.close()
         if trainer.rank == 0:
-            print(f"internlm2 pretrain: {stop}", flush=True)
+            print(f"internlm2 {command}: {stop}", flush=True)
         return 0
     trainer.runtime.close()
     if trainer.rank == 0:
         finish(trainer)
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from internlm2.train.trainer import Trainer
+
+    return train_then_finish(Trainer(load_config(TrainConfig, args.config, args.set)), "pretrain", finish)
