@@ -31,9 +31,10 @@ from internlm2.data import Tokenizer
 from internlm2.rlhf.reward_data import RewardPairs, resolve_reward_token
 from internlm2.rlhf.rm_training import PairBatches, RMConfig
 from internlm2.tasks.preferences import DOMAINS, make_preferences
+from internlm2.tasks.verifiable import make_examples
 
 CONFIG = Path("configs/rm-tiny.yaml")
-TASKS = ("reverse_list", "sort_list")
+TASKS = ("function_name", "reverse_list", "sort_list")
 MODELS = {"a": "conditional, all domains", "b": "unconditional, all domains", "c": "one per domain"}
 
 
@@ -98,9 +99,11 @@ def held_out_scores(model: Path, data: Path, domain: str, conditional: bool, out
     return [json.loads(line)["score"] for line in output.read_text().splitlines()]
 
 
-def accuracy(scores: list[float]) -> float:
-    chosen, rejected = scores[0::2], scores[1::2]
-    return sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
+def accuracy(scores: list[float], keep: list[bool] | None = None) -> float:
+    """Of the pairs (chosen, rejected score in turn) that `keep` says, those scored in the right order."""
+    right = [c > r for c, r in zip(scores[0::2], scores[1::2])]
+    kept = [ok for ok, k in zip(right, keep or [True] * len(right)) if k]
+    return sum(kept) / len(kept)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -109,7 +112,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     width = 0.8 / len(results)
     for i, (name, by_domain) in enumerate(results.items()):
         xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(DOMAINS))]
@@ -120,7 +123,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylim(0, 105)
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("Reward models on the tiny SFT model: held-out pairs per domain")
-    ax.legend(fontsize=8, loc="lower right")
+    fig.legend(fontsize=8, loc="outside lower center", ncols=len(results))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -129,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft", type=Path, default=Path("runs/sft-tiny/hf"), help="the SFT model (an HF directory)")
     parser.add_argument("--out", type=Path, default=Path("runs/rm-demo"))
-    parser.add_argument("--per-task", type=int, default=120, help="training prompts per task and domain")
+    parser.add_argument("--per-task", type=int, default=100, help="training prompts per task and domain")
     parser.add_argument("--eval-per-task", type=int, default=25, help="held-out prompts per task and domain")
     parser.add_argument("--epochs", type=float, default=2.0)
     args = parser.parse_args()
@@ -144,12 +147,14 @@ def main() -> None:
     for d in DOMAINS:
         seconds[f"c/{d}"] = train(f"c, {d}", args.out / f"domain-{d}", data / f"train_{d}.jsonl", data / f"eval_{d}.jsonl",
                                   args.sft, args.epochs, False)
+    tasks = [e.task for e in make_examples("eval", args.eval_per_task, 0, TASKS)]  # of each held-out pair
     results = {name: {} for name in MODELS}
     for d in DOMAINS:
         for name, model, conditional in (("a", runs["a"][0], True), ("b", runs["b"][0], False),
                                          ("c", args.out / f"domain-{d}", False)):
             scores = held_out_scores(model / "hf", data, d, conditional, model)
-            results[name][d] = {"accuracy": accuracy(scores), "min": min(scores), "max": max(scores)}
+            results[name][d] = {"accuracy": accuracy(scores), "min": min(scores), "max": max(scores),
+                                **{t: accuracy(scores, [task == t for task in tasks]) for t in TASKS}}
     _write(results, seconds, args, note)
 
 
@@ -166,6 +171,9 @@ def _write(results: dict, seconds: dict, args, note: str) -> None:
         "accuracy: held-out pairs whose chosen response `internlm2 score` scores above the rejected one; (a) scored "
         "with the domain's condition (system prompt), (b) and (c) without",
         "training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + " (0: skipped, existed)",
+        "correct accuracy per task: " + "; ".join(
+            f"({name}) " + ", ".join(f"{t} {by_domain['correct'][t]:.2f}" for t in TASKS)
+            for name, by_domain in results.items()),
         f"plot: rm_demo-{tag}.png",
     ]
     for name, by_domain in results.items():
