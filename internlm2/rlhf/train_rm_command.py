@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from internlm2.train.pretrain_command import add_arguments, train_then_finish  # the same options
+from internlm2.train.stage_run import add_arguments, export_and_plot, run_stage
 
 __all__ = ["add_arguments", "run"]
 
@@ -21,25 +21,15 @@ __all__ = ["add_arguments", "run"]
 def finish(trainer) -> None:
     """Rank 0, after the process group is gone: HF export of the final checkpoint with its conditions, plots,
     the held-out summary."""
-    import torch
-
     from internlm2.rlhf.rm_training import write_conditions
-    from internlm2.train.export import export_hf
     from internlm2.train.metrics_log import read_metrics
-    from internlm2.train.plot import draw
 
-    cfg, run_dir = trainer.cfg, trainer.run_dir
-    final = trainer.checkpoints.latest()
-    if cfg.checkpoint.export_hf and final is not None:
-        out = export_hf(final, run_dir / "hf", tokenizer_directory=trainer.data.tokenizer, dtype=torch.float32,
-                        overwrite=True)
-        write_conditions(cfg.rm.conditions, out)
-        print(f"exported {final.name} to {out} (reward token {cfg.model['reward_token_id']}, conditions: "
-              f"{', '.join(cfg.rm.conditions) or 'none'})")
-    records = read_metrics(run_dir / "metrics.jsonl")
-    draw(records, run_dir / "metrics.png", title=run_dir.resolve().name)
-    print(f"plots: {run_dir / 'metrics.png'}")
-    held_out = [r for r in records if "eval_accuracy" in r]
+    cfg = trainer.cfg
+    hf_dir = export_and_plot(trainer)
+    if hf_dir is not None:
+        write_conditions(cfg.rm.conditions, hf_dir)
+        print(f"reward token {cfg.model['reward_token_id']}, conditions: {', '.join(cfg.rm.conditions) or 'none'}")
+    held_out = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if "eval_accuracy" in r]
     if held_out:
         last = held_out[-1]
         by_condition = ", ".join(f"{k.removeprefix('eval_accuracy/')} {v:.1%}" for k, v in sorted(last.items())
@@ -56,4 +46,4 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(RMConfig, args.config, args.set)
     first_rank = int(os.environ.get("RANK", "0")) == 0
     trainer = Trainer(cfg, RMTask(cfg, report=(lambda line: print(line, flush=True)) if first_rank else None))
-    return train_then_finish(trainer, "train-rm", finish)
+    return run_stage(trainer, "train-rm", finish)
