@@ -15,8 +15,8 @@ The run is SFT's (`Trainer`: stages, any parallel layout, exact resume, verified
   pairs are shuffled by the run's seed and packed in that order into micro-batches of at most that many
   tokens, a pair's chosen and rejected always together (`budget_micro_batches`). Those packed
   micro-batches are the stage's rows: `micro_batch_size` is 1 and `global_batch_size` counts micro-batches
-  per step over all DP ranks; every epoch visits them in a new (seed, epoch) order, and resume is a
-  count of them, as for pretraining rows.
+  per step over all DP ranks; every epoch visits the same micro-batches in a new (seed, epoch) order, and
+  resume is a count of them, as for pretraining rows.
 - loss and metrics: reward_model.py (focal ranking loss + lambda * log-barrier penalty per pair, the mean
   over the pairs of the global batch; accuracy, scores, margin, accuracy per condition), on the training
   batches and, every `eval.every` steps, on the first `eval.rows` micro-batches of the held-out pairs
