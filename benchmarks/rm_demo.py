@@ -13,7 +13,7 @@ is held-out accuracy (chosen scored above rejected) per domain, and the range of
 keeps them inside (-5, 5)). Every step is an `internlm2` command, printed as it runs and skipped when its
 output exists, so an interrupted demo resumes (and `train-rm` itself resumes from its checkpoints).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.rm_demo [--sft runs/sft-tiny/hf] [--epochs 2]
+    OMP_NUM_THREADS=1 python -m benchmarks.rm_demo [--sft runs/sft-tiny/hf] [--epochs 3]
 
 Writes benchmarks/results/rm_demo-<machine>.md (+ .json) and rm_demo-<machine>.png.
 """
@@ -132,9 +132,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft", type=Path, default=Path("runs/sft-tiny/hf"), help="the SFT model (an HF directory)")
     parser.add_argument("--out", type=Path, default=Path("runs/rm-demo"))
-    parser.add_argument("--per-task", type=int, default=100, help="training prompts per task and domain")
+    parser.add_argument("--per-task", type=int, default=150, help="training prompts per task and domain")
     parser.add_argument("--eval-per-task", type=int, default=25, help="held-out prompts per task and domain")
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--epochs", type=float, default=3.0)
     args = parser.parse_args()
     note = load_note()
     data = args.out / "data"
