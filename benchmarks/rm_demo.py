@@ -45,10 +45,16 @@ def write_jsonl(records: list[dict], path: Path) -> Path:
     return path
 
 
-def make_data(data: Path, per_task: int, eval_per_task: int) -> None:
+def make_data(data: Path, per_task: int, eval_per_task: int, epochs: float) -> None:
     """Training and held-out pair files for every model, and the held-out conversations `internlm2 score`
-    reads (chosen then rejected of each pair, with and without the domain's condition)."""
-    if (data / "done").is_file():
+    reads (chosen then rejected of each pair, with and without the domain's condition). A demo directory
+    holds one setting: resuming it with another would mix models trained on other data."""
+    setting = {"tasks": list(TASKS), "per_task": per_task, "eval_per_task": eval_per_task, "epochs": epochs}
+    done = data / "done"
+    if done.is_file():
+        if json.loads(done.read_text()) != setting:
+            raise SystemExit(f"{data.parent} was made with {done.read_text().strip()}, not {json.dumps(setting)}: "
+                             "give another --out")
         return
     data.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", per_task), ("eval", eval_per_task)):
@@ -63,7 +69,7 @@ def make_data(data: Path, per_task: int, eval_per_task: int) -> None:
             lines = [{"messages": [*r["prompt"], {"role": "assistant", "content": r[side]}],
                       **({"condition": d} if conditional else {})} for r in records for side in ("chosen", "rejected")]
             write_jsonl(lines, data / f"score_{d}_{'conditional' if conditional else 'plain'}.jsonl")
-    (data / "done").write_text("")
+    done.write_text(json.dumps(setting) + "\n")
     print(f"data: {per_task * len(TASKS)} training and {eval_per_task * len(TASKS)} held-out prompts per domain, "
           f"domains {', '.join(DOMAINS)}, in {data}", flush=True)
 
@@ -138,7 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     note = load_note()
     data = args.out / "data"
-    make_data(data, args.per_task, args.eval_per_task)
+    make_data(data, args.per_task, args.eval_per_task, args.epochs)
     seconds = {}
     runs = {"a": (args.out / "conditional", "conditional", True), "b": (args.out / "unconditional", "plain", False)}
     for name, (run_dir, files, conditional) in runs.items():
