@@ -2,7 +2,7 @@
 conflicting domains, evaluates on held-out pairs and exports a reward model that `internlm2 score` scores
 exactly as training did (its held-out scores, accuracy and per-condition accuracy recomputed from the
 scores); it starts from an HF directory or a checkpoint with a fresh head; it resumes after SIGKILL bit for
-bit; dp=2 and cp=2 equal one process; bad input stops it before training with one line naming the file
+bit; dp=2, cp=2, tp=2 with sequence parallelism and pp=2 equal one process; bad input stops it before training with one line naming the file
 and line (or is counted with on_error: skip)."""
 
 import json
@@ -170,7 +170,8 @@ def test_sigkill_then_resume_is_bitwise_identical(single_run, pretrained, pairs,
     assert metric(interrupted, "eval_accuracy") == metric(reference, "eval_accuracy")
 
 
-@pytest.mark.parametrize("layout", [{"dp": 2}, {"cp": 2}], ids=["dp2", "cp2"])
+@pytest.mark.parametrize("layout", [{"dp": 2}, {"cp": 2}, {"tp": 2, "sequence_parallel": True}, {"pp": 2}],
+                         ids=["dp2", "cp2", "tp2-sp", "pp2"])
 def test_two_rank_runs_match_one_process(single_run, pretrained, pairs, tmp_path, layout):
     reference, _ = single_run
     cfg = rm_config(tmp_path / "run", pretrained / "hf", pairs, parallel=layout)
