@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import shlex
 import signal
 import statistics
 import subprocess
@@ -263,3 +264,15 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def internlm2_step(*args, output: Path | None = None) -> float:
+    """A demo's step: runs `internlm2 ARGS` (printed first) unless `output` exists, so an interrupted demo
+    resumes; returns the seconds it took (0 when skipped)."""
+    if output is not None and output.exists():
+        print(f"skip (exists: {output}): internlm2 {' '.join(map(str, args))}", flush=True)
+        return 0.0
+    print("$ internlm2 " + shlex.join(map(str, args)), flush=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "internlm2.cli", *map(str, args)], check=True)
+    return time.perf_counter() - start

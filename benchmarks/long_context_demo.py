@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from benchmarks.harness import RESULTS_DIR, Report, load_note, machine_tag
+from benchmarks.harness import RESULTS_DIR, Report, internlm2_step as _internlm2, load_note, machine_tag
 
 RUNS = Path("runs")
 FIRST_RUN = RUNS / "tiny-passkey"  # configs/tiny-passkey.yaml as written: 240 retrieval steps
@@ -41,18 +37,6 @@ VARIANTS = {  # name: (HF checkpoint, --ntk, what it is)
     "d": (RUN / "hf", "2", "(c) + dynamic NTK (factor 2) at inference"),
     "c240": (FIRST_RUN / "hf", "off", "(c) after 240 retrieval steps instead of 560"),
 }
-
-
-def _internlm2(*args, output: Path | None = None) -> float:
-    """Runs `internlm2 ARGS` unless `output` exists; returns the seconds it took (0 when skipped)."""
-    if output is not None and output.exists():
-        print(f"skip (exists: {output}): internlm2 {' '.join(map(str, args))}", flush=True)
-        return 0.0
-    command = [sys.executable, "-m", "internlm2.cli", *map(str, args)]
-    print("$ internlm2 " + shlex.join(map(str, args)), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, check=True)
-    return time.perf_counter() - start
 
 
 def main() -> None:

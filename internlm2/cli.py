@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("internlm2.model.generate_command", "continue prompts with an HF checkpoint (KV-cache decoding)"),
     "train-tokenizer": ("internlm2.data.train_tokenizer_cli", "train a SentencePiece BPE tokenizer with chat tokens"),
     "prepare-data": ("internlm2.data.prepare_data_cli", "tokenize a corpus (text, JSONL, chat) into token shards"),
+    "train-rm": ("internlm2.rlhf.train_rm_command", "train a (conditional) reward model on preference pairs (YAML, resumes)"),
     "score": ("internlm2.rlhf.score_command", "score conversations with a reward model (batched, one JSON line each)"),
     "eval": ("internlm2.eval", "long-context evaluations of an HF checkpoint: needle, passkey, perplexity by position"),
 }

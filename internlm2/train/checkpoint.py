@@ -162,10 +162,11 @@ def load(directory: Path, units: dict[str, Engine], parallel: ParallelState) -> 
     return state["loop"]
 
 
-def load_weights(directory: Path, unit: str, chunks, parallel: ParallelState) -> None:
+def load_weights(directory: Path, unit: str, chunks, parallel: ParallelState, fresh=()) -> None:
     """Collective: unit `unit`'s weights from a verified checkpoint into `chunks` (this rank's part of the
     model, in any layout: DCP reads the pieces each shard needs), and nothing else: no optimizer state, no
-    RNG, no loop position (a new run starting from another run's model)."""
+    RNG, no loop position (a new run starting from another run's model). `fresh`: parameters the unit
+    lacks (a reward model's new head on an SFT model), which keep their values."""
     directory = Path(directory)
     problem = verify(directory, parallel)
     if problem is not None:
@@ -175,7 +176,9 @@ def load_weights(directory: Path, unit: str, chunks, parallel: ParallelState) ->
     if differ:
         raise CheckpointError(f"init_from {directory}: unit {unit!r} has another model shape: {', '.join(differ)}")
     with single_process_quiet():
-        dcp.load(unit_state_dict(unit, Engine(chunks, parallel), None), checkpoint_id=directory / "dcp")
+        wanted = {k: v for k, v in unit_state_dict(unit, Engine(chunks, parallel), None).items()
+                  if k.removeprefix(f"{unit}/") not in set(fresh)}
+        dcp.load(wanted, checkpoint_id=directory / "dcp")
 
 
 def read_unit_tensor(directory: Path, unit: str, name: str, shape) -> torch.Tensor:

@@ -44,6 +44,7 @@ class DataConfig:
     eval: DataSource | None = None  # held-out data for evaluation (weight ignored)
     builtin: BuiltinData | None = None  # demo data made on first use instead of train/eval/tokenizer
     num_workers: int = 1
+    prepared = True  # train/eval name prepared datasets, opened before the run starts (not a config key)
 
     def validate(self):
         if self.builtin is None and (self.tokenizer is None or not self.train):

@@ -89,22 +89,24 @@ def stage_dataset(sources: list[DataSource], tokenizer: Tokenizer, seq_len: int,
 
 
 def micro_batches(dataset: Dataset, stage: StageConfig, *, seed: int, dp_rank: int, dp_size: int,
-                  consumed_samples: int, num_workers: int) -> Iterator[dict]:
-    """This DP rank's packed micro-batches from `consumed_samples` on, without end."""
+                  consumed_samples: int, num_workers: int, collate: Callable = collate_packed) -> Iterator[dict]:
+    """This DP rank's packed micro-batches from `consumed_samples` on, without end; `collate` makes one
+    from its rows."""
     sampler = ResumableSampler(len(dataset), stage.micro_batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
                                consumed_samples=consumed_samples)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                         persistent_workers=False, prefetch_factor=4 if num_workers else None)
     return iter(loader)
 
 
-def eval_batches(dataset: Dataset, micro_batch_size: int, rows: int, dp_rank: int, dp_size: int) -> list[dict]:
+def eval_batches(dataset: Dataset, micro_batch_size: int, rows: int, dp_rank: int, dp_size: int,
+                 collate: Callable = collate_packed) -> list[dict]:
     """The held-out set's first `rows` rows in order (no shuffling), as micro-batches of `micro_batch_size`
     rows (the last one may be shorter), micro-batch j on DP rank j % dp_size: the same rows whatever the
     layout."""
     rows = min(rows, len(dataset))
     starts = list(range(0, rows, micro_batch_size))[dp_rank::dp_size]
-    return [collate_packed([dataset[i] for i in range(start, min(start + micro_batch_size, rows))])
+    return [collate([dataset[i] for i in range(start, min(start + micro_batch_size, rows))])
             for start in starts]
 
 

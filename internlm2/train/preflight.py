@@ -120,7 +120,7 @@ def check_stages(cfg: TrainConfig, layout: ParallelConfig) -> None:
 
 def check_paths(cfg: TrainConfig) -> None:
     """Every file the run reads exists and opens (prepared datasets with the run's tokenizer)."""
-    if cfg.data.builtin is None:
+    if cfg.data.builtin is None and cfg.data.prepared:
         fingerprint = Tokenizer.load(run_tokenizer(cfg)).fingerprint
         sources = [*cfg.data.train, *([cfg.data.eval] if cfg.data.eval else []),
                    *(d for s in cfg.stages for d in (s.data or []))]

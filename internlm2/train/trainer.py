@@ -7,7 +7,11 @@ and every rank's RNG, that is all a checkpoint needs to continue bit for bit (se
 
 What is trained is a `Task` (the model class, the loss of a micro-batch, what normalises it, and the data:
 where it is and how a stage's rows are made); pretraining's is `NextTokenTask`, the mean next-token loss
-over every target token of the global batch, on packed document rows; SFT's is in sft.py. The engine
+over every target token of the global batch, on packed document rows; SFT's is in sft.py, the reward
+model's in rlhf/rm_training.py. A task may also set the hooks whose defaults are pretraining's (see
+`NextTokenTask`): `collate` (a micro-batch from its rows), `pad_fills` (pad values of its per-token
+tensors, see `pad_for_layout`), `fresh_parameters` (parameters `init_from` lacks: a new head, initialised
+as a new model's) and `eval_metrics` (what a held-out evaluation logs). The engine
 runs the micro-batches, divides by the normaliser and steps; a non-finite loss or gradient norm skips the
 step (logged), too many in a row stop the run naming the step and the cause.
 """
@@ -24,7 +28,7 @@ import torch
 
 from internlm2.config import save_yaml
 from internlm2.constants import DTYPES, IGNORE_INDEX
-from internlm2.data import Tokenizer
+from internlm2.data import Tokenizer, collate_packed
 from internlm2.errors import CheckpointError, UserError
 from internlm2.model import InternLM2ForCausalLM, load_into
 from internlm2.model.heads import BackboneOutput
@@ -33,7 +37,7 @@ from internlm2.train.checkpoint_dir import CheckpointDirectory, check_writable
 from internlm2.train.config import StageConfig, TrainConfig
 from internlm2.train.data_setup import (DataPaths, eval_batches, micro_batches, pad_for_layout, resolve_data,
                                         stage_dataset, to_device)
-from internlm2.train.engine import Engine, StepOutcome, checkpoint_bytes
+from internlm2.train.engine import Engine, StepOutcome, checkpoint_bytes, init_weights
 from internlm2.train.flops import DecoderShape, document_lengths, training_flops
 from internlm2.train.init_from import init_source
 from internlm2.train.metrics import MFUError, Peak, device_peak, peak_memory_bytes, reset_peak_memory, throughput
@@ -70,6 +74,20 @@ class NextTokenTask:
     @staticmethod
     def normalizer(mbs: list[dict]) -> int:
         return sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in mbs)
+
+    # ---- the optional hooks (see the module docstring) ----
+    collate = staticmethod(collate_packed)
+    pad_fills: dict | None = None
+    fresh_parameters: tuple[str, ...] = ()
+
+    @staticmethod
+    def eval_metrics(metrics: dict) -> dict:
+        return {"eval_loss": metrics["loss"], "eval_perplexity": math.exp(min(metrics["loss"], 50.0))}
+
+
+def _hook(task, name: str):
+    """The task's optional hook `name`, else pretraining's."""
+    return getattr(task, name, getattr(NextTokenTask, name))
 
 
 @dataclass
@@ -115,15 +133,18 @@ class Trainer:
 
     def _init_weights(self, chunks) -> None:
         """`init_from`'s weights into this rank's chunks: an HF directory's, or a training checkpoint's unit
-        (its weights only; the run starts at step 0)."""
+        (its weights only; the run starts at step 0). The task's `fresh_parameters` start as a new model's."""
+        fresh = _hook(self.task, "fresh_parameters")
+        if fresh:
+            init_weights(chunks, self.cfg.seed, self.parallel)  # the source then overwrites all the others
         if init_source(self.cfg.init_from).is_checkpoint:
-            ckpt.load_weights(Path(self.cfg.init_from), MODEL_UNIT, chunks, self.parallel)
+            ckpt.load_weights(Path(self.cfg.init_from), MODEL_UNIT, chunks, self.parallel, fresh=fresh)
         else:
-            self._load_hf(chunks)
+            self._load_hf(chunks, fresh)
 
-    def _load_hf(self, chunks) -> None:
+    def _load_hf(self, chunks, fresh=()) -> None:
         """`init_from`'s weights into this rank's chunks: each rank streams its own tensor-parallel shards."""
-        load_into(chunks, self.cfg.init_from, self.parallel, config=chunks[0].config)
+        load_into(chunks, self.cfg.init_from, self.parallel, config=chunks[0].config, fresh=fresh)
 
     # ---- the run --------------------------------------------------------------------------------
     def run(self) -> TrainerState:
@@ -161,7 +182,8 @@ class Trainer:
         self.engine.update_model_config(rope_theta=stage.rope_theta or self.engine.model_config.rope_theta)
         dataset = self.task.stage_dataset(stage.data or self.data.train, self.tokenizer, stage.seq_len)
         batches = micro_batches(dataset, stage, seed=cfg.seed + state.stage, dp_rank=p.dp_rank, dp_size=p.dp_size,
-                                consumed_samples=state.consumed_samples, num_workers=cfg.data.num_workers)
+                                consumed_samples=state.consumed_samples, num_workers=cfg.data.num_workers,
+                                collate=_hook(self.task, "collate"))
         accumulation = stage.global_batch_size // (stage.micro_batch_size * p.dp_size)
         schedule = self._schedule(stage)
         eval_set = (self.task.stage_dataset([self.data.eval], self.tokenizer, stage.seq_len)
@@ -180,8 +202,7 @@ class Trainer:
             state.consumed_samples += stage.global_batch_size
             self._after_step(stage, metrics, outcome, counts, lr, seconds, logger)
             if eval_set is not None and state.step % cfg.eval.every == 0:
-                eval_loss = self.evaluate(eval_set, stage)
-                logger.log(state.step, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
+                logger.log(state.step, _hook(self.task, "eval_metrics")(self.evaluate(eval_set, stage)))
             stop = self.stop_signals.stop_requested()  # a collective: the same answer on every rank
             if stop or state.stage_step == stage.steps or state.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
@@ -190,7 +211,8 @@ class Trainer:
 
     def _prepare(self, batch: dict) -> dict:
         """A collated micro-batch on the device, padded as the layout needs (`pad_for_layout`)."""
-        return to_device(pad_for_layout(batch, self.parallel, self.tokenizer.pad_id), self.device)
+        return to_device(pad_for_layout(batch, self.parallel, self.tokenizer.pad_id, _hook(self.task, "pad_fills")),
+                         self.device)
 
     def _schedule(self, stage: StageConfig) -> Callable[[int], float]:
         """This stage's learning rate by its own step: its own schedule, or its span of the run-wide one."""
@@ -250,12 +272,12 @@ class Trainer:
         if state.step % self.cfg.logging.every == 0 or state.stage_step == stage.steps:
             logger.log(state.step, values)
 
-    def evaluate(self, dataset, stage: StageConfig) -> float:
-        """Mean token loss over the held-out rows (`eval.rows`, the same rows for every layout)."""
+    def evaluate(self, dataset, stage: StageConfig) -> dict[str, float]:
+        """The task's loss and metrics over the held-out rows (`eval.rows`, the same rows for every layout)."""
         p = self.parallel
         mbs = [self._prepare(mb) for mb in eval_batches(dataset, stage.micro_batch_size, self.cfg.eval.rows,
-                                                         p.dp_rank, p.dp_size)]
-        return self.engine.evaluate(mbs, self.task.loss, self.task.normalizer(mbs))["loss"]
+                                                         p.dp_rank, p.dp_size, collate=_hook(self.task, "collate"))]
+        return self.engine.evaluate(mbs, self.task.loss, self.task.normalizer(mbs))
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:

@@ -75,3 +75,24 @@ def test_gpu_check_config_takes_every_cuda_kernel():
     model = ModelConfig.from_dict(cfg.model)
     assert model.kernels == "fused"
     assert cuda_kernel_gap(getattr(torch, cfg.dtype), model.head_size) is None
+
+
+def test_rm_7b_has_the_reports_reward_model_recipe():
+    from internlm2.rlhf.rm_training import RMConfig
+
+    cfg = load_config(RMConfig, CONFIGS / "rm-7b.yaml")
+    o, rm, (stage,) = cfg.optim, cfg.rm, cfg.stages
+    assert (o.lr, o.lr * o.min_lr_ratio, o.weight_decay, o.warmup_steps) == (1e-5, 5e-6, 0.01, 0)
+    assert (stage.seq_len, stage.micro_batch_size, rm.max_length) == (16384, 1, 8192)  # 16,384-token batches
+    assert (rm.gamma, rm.bound, rm.penalty_weight, rm.reward_token) == (2.0, 5.0, 0.02, "[UNUSED_TOKEN_130]")
+
+
+def test_rm_tiny_starts_from_the_tiny_sft_model_with_the_demo_domains():
+    from internlm2.rlhf.rm_training import RMConfig
+    from internlm2.tasks.preferences import DOMAINS
+
+    cfg = load_config(RMConfig, CONFIGS / "rm-tiny.yaml")
+    assert cfg.init_from == f"{load_config(SFTConfig, CONFIGS / 'sft-tiny.yaml').run_dir}/hf"
+    assert sorted(cfg.rm.conditions) == sorted(DOMAINS)
+    with pytest.raises(ConfigError, match="init_from: a reward model starts from an SFT model"):
+        load_config(RMConfig, CONFIGS / "rm-tiny.yaml", ["init_from=null"])
