@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("internlm2.data.train_tokenizer_cli", "train a SentencePiece BPE tokenizer with chat tokens"),
     "prepare-data": ("internlm2.data.prepare_data_cli", "tokenize a corpus (text, JSONL, chat) into token shards"),
     "score": ("internlm2.rlhf.score_command", "score conversations with a reward model (batched, one JSON line each)"),
+    "ppo": ("internlm2.rlhf.ppo_command", "online PPO with a conditional reward model and fast-path rounds"),
 }
 
 
