@@ -224,7 +224,8 @@ class PPOTrainer:
             out.append((position, {**item, "index": index, "record": self.prompts.raw(index)}))
         return out
 
-    def _generator(self, *key) -> torch.Generator:
+    def _generator(self, *key: int) -> torch.Generator:
+        """A generator seeded by (run seed, *key): 0 for rollouts, 1 for the fast path's, then where."""
         seed = int.from_bytes(np.random.SeedSequence([self.cfg.seed, *key]).generate_state(2, np.uint32).tobytes(),
                               "little") & ((1 << 63) - 1)
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -238,7 +239,7 @@ class PPOTrainer:
         for start in range(0, len(prompts), size):
             batch = prompts[start:start + size]
             out += sample_responses(self.actor.chunks[0], self.tokenizer, [item for _, item in batch], self.sampling,
-                                    self._generator(self.state.iteration, batch[0][0]))
+                                    self._generator(0, self.state.iteration, batch[0][0]))
         return out
 
     def _dp_gather(self, values: torch.Tensor) -> torch.Tensor:
@@ -453,7 +454,7 @@ class PPOTrainer:
         for start in range(0, len(items), size):
             batch = items[start:start + size]
             for r in sample_responses(self.actor.chunks[0], self.tokenizer, batch, self.sampling,
-                                      self._generator(-1 - round_index, start)):
+                                      self._generator(1, round_index, start)):
                 out[r.index] = (r.text, len(r.response_ids))
         return out
 

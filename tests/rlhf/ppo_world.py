@@ -117,3 +117,11 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 def responses(run_dir: Path) -> list[dict]:
     return [json.loads(x) for p in sorted((run_dir / "rounds").glob("round_*/responses.jsonl"))
             for x in p.read_text().splitlines()]
+
+
+def parity_detector(early, late):
+    """A custom detector for the tests: 'the characters' codes sum to an even number', which splits any
+    set of random responses about in half, so every round has pairs to patch."""
+    from internlm2.rlhf.fast_path import Pattern
+
+    return [Pattern("even text", lambda text, length: sum(map(ord, text)) % 2 == 0, {"responses": len(late)})]
