@@ -3,7 +3,8 @@
 SDPA on CPU runs ATen's own flash kernel (tiled, fp32 math, GQA through enable_gqa). Both sides compute
 causal attention with 16 query heads over 4 KV heads (GQA 4), head dim 128: one sequence of 2048 tokens,
 and 4 sequences of 512 (packed with cu_seqlens for internlm2, a batch of 4 for SDPA: the same work).
-Times are medians; ratios come from the same run. Peak memory of forward+backward (resident memory growth
+Both sides are timed in alternating rounds (a shared machine's load falls on both alike): times are
+medians over rounds, speedups the median of the per-round ratios. Peak memory of forward+backward (resident memory growth
 of a fresh process that builds the inputs and runs one step) is shown for 1k/2k/4k tokens: it must grow
 linearly with the sequence length (a T x T score matrix would grow 4x per doubling).
 
@@ -11,11 +12,12 @@ linearly with the sequence length (a T x T score matrix would grow 4x per doubli
 """
 
 import argparse
+import statistics
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, cpu_peak_memory, load_note, median_time
+from benchmarks.harness import Report, alternating_times, cpu_peak_memory, load_note, paired_speedup
 from internlm2 import ops
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 16, 4, 128
@@ -97,11 +99,13 @@ def run(dtypes, repeats: int) -> Report:
         for case, (batch, length) in LAYOUTS.items():
             packed, batched = make_inputs(batch, length, dtype)
             for backward in (False, True):
-                t_ours = median_time(step(ours, packed, length, backward), repeats=repeats)
-                t_sdpa = median_time(step(sdpa, batched, length, backward), repeats=repeats)
+                times = alternating_times({"internlm2": step(ours, packed, length, backward),
+                                           "SDPA": step(sdpa, batched, length, backward)}, rounds=repeats)
+                t_ours, t_sdpa = statistics.median(times["internlm2"]), statistics.median(times["SDPA"])
                 pass_name = "fwd+bwd" if backward else "fwd"
                 f = flops(batch, length, backward)
-                report.add(case, name, pass_name, "internlm2", t_ours * 1e3, f / t_ours / 1e9, t_sdpa / t_ours, "")
+                report.add(case, name, pass_name, "internlm2", t_ours * 1e3, f / t_ours / 1e9,
+                           paired_speedup(times["internlm2"], times["SDPA"]), "")
                 report.add(case, name, pass_name, "SDPA", t_sdpa * 1e3, f / t_sdpa / 1e9, 1.0, "")
     return report
 

@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from benchmarks.harness import Report, median_time
+from benchmarks.harness import Report, alternating_times, paired_speedup
 from internlm2.model import InternLM2ForCausalLM, preset_config, save_pretrained
 from internlm2.model.generation import SamplingParams, generate
 
@@ -29,22 +29,10 @@ def fused_kernels_available(device: str) -> bool:
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"internlm2::{op}", key) for op in ops)
 
 
-def alternating_times(fns: dict, device: str, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, timed in alternation (one call of each per round) so that a
-    shared machine's changing load falls on all of them alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(median_time(fn, device, warmup=0, repeats=1))
-    return times
-
-
 def add_row(report: Report, workload: str, kernels: str, tokens: int, times: dict[str, list[float]]) -> None:
     """Throughputs from the medians; the speedup is the median of the per-round ratios (paired)."""
     ours, theirs = times["internlm2"], times["transformers"]
-    paired = statistics.median(t / o for o, t in zip(ours, theirs))
+    paired = paired_speedup(ours, theirs)
     report.add(workload, kernels, tokens / statistics.median(ours), tokens / statistics.median(theirs), paired)
 
 

@@ -12,8 +12,9 @@ what rank 0 sends next to what Megatron-LM's analysis predicts for the same layo
 - DP (x CP): one all-reduce of the gradients (DDP), or a reduce-scatter of the gradients plus an all-gather of
   the parameters (ZeRO-1); ring wire bytes 2(d-1)/d x the gradient bytes in both cases.
 - PP: A (A/tp with SP) forward and A backward per micro-batch across each stage boundary.
-- CP (ring attention): each layer passes its local K and V round the ring cp-1 times forward, and their
-  gradients cp-1 times backward: 4 (cp-1) x tokens/cp x kv_heads x head_dim per layer per micro-batch.
+- CP (ring attention): each layer passes its local K and V round the ring cp-1 times forward, and in the
+  backward K and V again (nothing of theirs is kept from the forward) and their gradients cp-1 times:
+  6 (cp-1) x tokens/cp x kv_heads x head_dim per layer per micro-batch (fp32 gradients).
 
     python -m benchmarks.bench_parallel_comm
 """
@@ -119,7 +120,7 @@ def megatron(config: ParallelConfig, mode: str, rank0: dict) -> dict:
     if config.cp > 1:
         head_dim = MODEL["hidden_size"] // MODEL["num_attention_heads"]
         kv = TOKENS // config.cp * MODEL["num_key_value_heads"] * head_dim * 4
-        pred[("cp", "send")] = (None, m * rank0["layers"] * 4 * (config.cp - 1) * kv)
+        pred[("cp", "send")] = (None, m * rank0["layers"] * 6 * (config.cp - 1) * kv)
     if config.pp > 1:
         sent = act // (config.tp if config.sequence_parallel else 1)
         pred[("pp", "send")] = (None, m * sent)  # rank 0 (first stage): forward sends only

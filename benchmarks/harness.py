@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+import internlm2
+
 RESULTS_DIR = Path(os.environ.get("INTERNLM2_BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
@@ -56,6 +58,25 @@ def median_time(fn: Callable[[], object], device: str = "cpu", warmup: int = 3, 
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def alternating_times(fns: dict[str, Callable[[], object]], device: str = "cpu", rounds: int = 5,
+                      calls: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, one entry per round: a round times `calls` calls (their median)
+    of every function in turn, so that a shared machine's changing load falls on all of them alike. Ratios
+    should be taken per round (paired) and then their median."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_time(fn, device, warmup=0, repeats=calls))
+    return times
+
+
+def paired_speedup(ours: list[float], baseline: list[float]) -> float:
+    """Median over rounds of baseline time / our time (rounds from alternating_times)."""
+    return statistics.median(b / o for o, b in zip(ours, baseline))
 
 
 def measured_copy_bandwidth(device: str) -> float:
@@ -113,8 +134,29 @@ def cuda_peak_memory(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def cpu_description() -> str:
+    """The CPU as benchmarks must name it: model, family/model numbers, its vector extensions, and the
+    instruction set internlm2's CPU kernels run with (CPU speedups differ between CPU generations)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first processor is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if f in flags]
+    family = f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else "family unknown"
+    return (f"{name} ({family}; {' '.join(vector) or 'no AVX2/AVX-512'}); internlm2 CPU kernels: "
+            f"{internlm2._C.cpu_isa()}")
+
+
 def machine() -> str:
-    """One line naming the machine: GPU and driver when present, else the CPU model and core count."""
+    """One line naming the machine: GPU and driver when present, else the CPU (cpu_description), core and
+    thread counts."""
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         try:
@@ -125,15 +167,7 @@ def machine() -> str:
         except (OSError, IndexError, subprocess.SubprocessError):
             driver = "unknown"
         return f"{props.name} ({props.total_memory / 2**30:.0f} GiB, driver {driver})"
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{cpu_description()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def load_note() -> str:
@@ -175,6 +209,7 @@ class Report:
             f"# {self.name}",
             "",
             f"- machine: {machine()}",
+            *([f"- host CPU: {cpu_description()}"] if torch.cuda.is_available() else []),
             f"- torch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}",
             f"- command: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
             f"- date: {datetime.date.today().isoformat()}",
@@ -194,6 +229,7 @@ class Report:
         payload = {
             "name": self.name,
             "machine": machine(),
+            "cpu": cpu_description(),
             "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
             "command": " ".join(sys.argv),

@@ -39,7 +39,18 @@ void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor
                                     double softmax_scale);
 // The values of a host (CPU) cu_seqlens: starts at 0, non-decreasing (empty sequences are allowed), ends
 // at total_tokens, no sequence longer than max_seqlen. The CUDA backend can run it on a host copy.
-void check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t total_tokens, int64_t max_seqlen);
+// Messages name the op and the arguments cu_seqlens<suffix> / max_seqlen<suffix>.
+void check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t total_tokens, int64_t max_seqlen,
+                             const char* op = "flash_attention", const char* suffix = "");
+
+// ---- kv_cache_attention (schema and shapes in torch_bindings.cpp)
+void check_kv_cache_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& k_lengths, const std::optional<at::Tensor>& cu_seqlens_q,
+                              int64_t max_seqlen_q, double softmax_scale);
+// The values of host (CPU) k_lengths and cu_seqlens_q: every length in [0, capacity], cu_seqlens_q valid
+// for q's tokens, and with causal no sequence with more new queries than keys.
+void check_kv_cache_lengths_values(const at::Tensor& k_lengths, const std::optional<at::Tensor>& cu_seqlens_q,
+                                   int64_t capacity, int64_t total_q, int64_t max_seqlen_q, bool causal);
 
 // ---- cross_entropy_chunk_
 void check_cross_entropy_chunk(const at::Tensor& logits, const at::Tensor& labels,

@@ -50,6 +50,17 @@ TORCH_LIBRARY(internlm2, m) {
       "-> (Tensor, Tensor, Tensor)",
       pt2);
 
+  // Attention of new queries against a KV cache (decoding, prefill with a cache). q [Tq, Hq, D] packs the
+  // new queries of B sequences by cu_seqlens_q int32 [B+1] (None: one query per sequence, Tq == B);
+  // k_cache/v_cache [B, Hkv, S, D] hold sequence b's keys/values in slots 0..k_lengths[b]-1 (int32 [B],
+  // the new tokens' keys already written). causal: query i of a sequence with L new queries sees the keys
+  // j <= k_lengths[b] - L + i. -> (out [Tq, Hq, D], lse [Hq, Tq] float32); a query that sees no key gets
+  // out 0 and lse -inf.
+  m.def(
+      "kv_cache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_lengths, Tensor? cu_seqlens_q, "
+      "int max_seqlen_q, bool causal, float softmax_scale) -> (Tensor, Tensor)",
+      pt2);
+
   // Fused softmax cross-entropy over one chunk of logits [N, V] (any float dtype) with labels [N] int64
   // (ignore_index rows give loss 0 and gradient 0). loss = lse - logit[label] + z_loss_weight * lse^2.
   // When grad_scale (float32, [N] or a scalar) is given, logits are overwritten in place with

@@ -39,7 +39,14 @@ def rounding_floor(ref64: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def assert_within_reference_error(out, ref_lowp, ref64, factor: float = 2.0, what: str = "output"):
-    """|out - ref64| <= factor * |ref_lowp - ref64| + rounding floor (element-wise maxima)."""
+    """|out - ref64| <= factor * |ref_lowp - ref64| + rounding floor (element-wise maxima).
+
+    An oracle that is exactly zero everywhere (grad q when every sequence has one token: dP == delta) gives
+    the rule no scale; there the kernel may show float32 noise of sums taken in another order (<= 1e-5)."""
+    if ref64.numel() and ref64.abs().max() == 0:
+        noise = out.abs().max().item()
+        assert noise <= 1e-5, f"{what}: {noise:.3e} where the oracle is exactly 0"
+        return
     err = max_abs_err(out, ref64)
     base = max_abs_err(ref_lowp, ref64)
     floor = rounding_floor(ref64, out.dtype)
@@ -88,17 +95,23 @@ def poison_cuda_allocator(fresh_large_bytes: int = 256 << 20, fresh_small_segmen
         t.fill_(0xFF)
 
 
+CPU_ISAS = ("default", "avx2", "avx512", "avx512_bf16")  # the extension's levels, lowest first
+
+
 def run_with_cpu_isa(isa: str, code: str) -> None:
-    """Runs `code` in a fresh interpreter whose CPU kernels use instruction set `isa` (ATEN_CPU_CAPABILITY),
-    after asserting that the extension really picked it; skips when this CPU lacks it."""
+    """Runs `code` in a fresh interpreter whose CPU kernels use instruction set `isa` (ATEN_CPU_CAPABILITY;
+    unset for avx512_bf16, the level picked when the CPU has it and nothing pins one), after asserting that
+    the extension really picked it; skips when this CPU lacks it."""
     import subprocess
     import sys
 
     import internlm2
 
-    if isa == "avx2" and internlm2._C.cpu_isa() == "default":
-        pytest.skip("this CPU has no AVX2")
+    if CPU_ISAS.index(isa) > CPU_ISAS.index(internlm2._C.cpu_isa()):
+        pytest.skip(f"this CPU has no {isa}")
     prelude = f"import internlm2\nassert internlm2._C.cpu_isa() == {isa!r}, internlm2._C.cpu_isa()\n"
     env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    if isa == "avx512_bf16":
+        del env["ATEN_CPU_CAPABILITY"]
     result = subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -1,9 +1,13 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from internlm2 import ops
 from tests.numerics import (
+    CPU_ISAS,
     assert_within_reference_error,
     fresh_seed,
     randn_with_outliers,
@@ -93,8 +97,11 @@ VARLEN_CASES = {
 
 @pytest.mark.parametrize("lengths", VARLEN_CASES.values(), ids=VARLEN_CASES.keys())
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_varlen_edge_cases(lengths, causal):
-    q, k, v = make_qkv(sum(lengths), 4, 2, 64, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_varlen_edge_cases(lengths, causal, dtype):
+    """bf16 too: with bf16 dot products, sequences starting at odd packed tokens and blocks with an odd
+    number of rows take the padded pair layouts."""
+    q, k, v = make_qkv(sum(lengths), 4, 2, 64, dtype)
     check_against_fp64(q, k, v, cu_seqlens=packed(lengths), max_seqlen=max(lengths), causal=causal)
 
 
@@ -184,7 +191,7 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(compiled(q, k, v, cu, 45), ops.flash_attention(q, k, v, cu, 45))
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_every_instruction_set_matches_reference(isa):
     run_with_cpu_isa(
         isa,
@@ -201,6 +208,20 @@ def test_every_instruction_set_matches_reference(isa):
         "  for a, b in ((out, ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):\n"
         "    torch.testing.assert_close(a.double(), b.detach(), rtol=tol, atol=tol)\n",
     )
+
+
+def test_bf16_dot_products_run_where_the_cpu_has_them():
+    """The AVX512_BF16 build is picked on a CPU with AVX512-BF16 when nothing pins a level."""
+    import internlm2
+
+    if "ATEN_CPU_CAPABILITY" in os.environ:
+        pytest.skip("ATEN_CPU_CAPABILITY pins an instruction set")
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    flags = set(cpuinfo.read_text().split())
+    expected = torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_bf16" in flags
+    assert (internlm2._C.cpu_isa() == "avx512_bf16") == expected, internlm2._C.cpu_isa()
 
 
 # ---- bad input: each error names the argument and the problem

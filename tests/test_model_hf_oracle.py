@@ -68,18 +68,35 @@ def test_dynamic_ntk_beyond_max_position_embeddings_matches_transformers(tmp_pat
     assert max_diff(ours, plain) > 1e-2, "the scaled base must change positions beyond the limit"
 
 
-def test_cached_greedy_generation_beyond_the_limit_matches_transformers(tmp_path):
+@pytest.mark.parametrize("kernels", KERNEL_CHOICES)
+def test_cached_greedy_generation_beyond_the_limit_matches_transformers(kernels, tmp_path):
     """With dynamic NTK the base changes as decoding passes max_position_embeddings while the cached keys
     keep the base they were rotated with; HF's generate does the same, token for token."""
     from internlm2.model.generation import SamplingParams, generate
 
-    model = random_model(tiny_config(max_position_embeddings=16))
+    model = random_model(tiny_config(max_position_embeddings=16, kernels=kernels))
     hf = hf_oracle(model, tmp_path)
     prompt = random_ids((10,), model.config.vocab_size)
     ours = generate(model, [prompt.tolist()], SamplingParams(max_new_tokens=20, stop_token_ids=())).tokens[0]
     theirs = hf.generate(prompt[None], attention_mask=torch.ones(1, 10, dtype=torch.long), max_new_tokens=20,
                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, 10:].tolist()
     assert ours == theirs
+
+
+@pytest.mark.parametrize("kernels", KERNEL_CHOICES)
+def test_batched_greedy_generation_matches_transformers_per_prompt(kernels, tmp_path):
+    """A batch of prompts of different lengths decodes against cache rows of different lengths (the
+    KV-cache attention path); each prompt's tokens equal transformers' generate run on it alone."""
+    from internlm2.model.generation import SamplingParams, generate
+
+    model = random_model(tiny_config(kernels=kernels))
+    hf = hf_oracle(model, tmp_path)
+    prompts = [random_ids((n,), model.config.vocab_size) for n in (1, 23, 70, 9)]
+    ours = generate(model, [p.tolist() for p in prompts], SamplingParams(max_new_tokens=24, stop_token_ids=())).tokens
+    for prompt, tokens in zip(prompts, ours):
+        theirs = hf.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert tokens == theirs[0, len(prompt):].tolist()
 
 
 def random_model_copy_without_scaling(model):

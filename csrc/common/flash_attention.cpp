@@ -94,21 +94,23 @@ void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor
   if (grad_lse.has_value()) check_lse_like(*grad_lse, "flash_attention backward: grad_lse", q);
 }
 
-void check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t total_tokens, int64_t max_seqlen) {
+void check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t total_tokens, int64_t max_seqlen, const char* op,
+                             const char* suffix) {
   TORCH_CHECK(cu_seqlens.device().is_cpu(), "check_cu_seqlens_values reads cu_seqlens on the host; got a tensor on ",
               cu_seqlens.device());
   const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
   const int64_t n = cu_seqlens.numel();
-  TORCH_CHECK(cu[0] == 0, "flash_attention: cu_seqlens must start at 0, got cu_seqlens[0] = ", cu[0]);
+  TORCH_CHECK(cu[0] == 0, op, ": cu_seqlens", suffix, " must start at 0, got cu_seqlens", suffix, "[0] = ", cu[0]);
   for (int64_t i = 1; i < n; ++i) {
     const int64_t length = static_cast<int64_t>(cu[i]) - cu[i - 1];
-    TORCH_CHECK(length >= 0, "flash_attention: cu_seqlens must be non-decreasing, got cu_seqlens[", i, "] = ", cu[i],
-                " < cu_seqlens[", i - 1, "] = ", cu[i - 1]);
-    TORCH_CHECK(length <= max_seqlen, "flash_attention: max_seqlen = ", max_seqlen, " is smaller than sequence ",
-                i - 1, " of length ", length, " (cu_seqlens[", i - 1, ":", i + 1, "] = ", cu[i - 1], ", ", cu[i], ")");
+    TORCH_CHECK(length >= 0, op, ": cu_seqlens", suffix, " must be non-decreasing, got cu_seqlens", suffix, "[", i,
+                "] = ", cu[i], " < cu_seqlens", suffix, "[", i - 1, "] = ", cu[i - 1]);
+    TORCH_CHECK(length <= max_seqlen, op, ": max_seqlen", suffix, " = ", max_seqlen, " is smaller than sequence ",
+                i - 1, " of length ", length, " (cu_seqlens", suffix, "[", i - 1, ":", i + 1, "] = ", cu[i - 1], ", ",
+                cu[i], ")");
   }
-  TORCH_CHECK(cu[n - 1] == total_tokens, "flash_attention: cu_seqlens must end at T = ", total_tokens,
-              " (the tokens of q), got cu_seqlens[-1] = ", cu[n - 1]);
+  TORCH_CHECK(cu[n - 1] == total_tokens, op, ": cu_seqlens", suffix, " must end at T", suffix, " = ", total_tokens,
+              " (the tokens of q), got cu_seqlens", suffix, "[-1] = ", cu[n - 1]);
 }
 
 }  // namespace internlm2

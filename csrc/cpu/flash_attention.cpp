@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q, 
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   if (q.numel() > 0) {
-    INTERNLM2_CPU_DISPATCH(flash_attention_forward_kernel)(q, k, v, cu, num_seqs, causal, softmax_scale, out, lse);
+    INTERNLM2_CPU_DISPATCH_BF16(flash_attention_forward_kernel)(q, k, v, cu, num_seqs, causal, softmax_scale, out, lse);
   }
   return {out, lse};
 }
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
   at::Tensor grad_k = at::empty_like(k);
   at::Tensor grad_v = at::empty_like(v);
   if (q.numel() > 0) {
-    INTERNLM2_CPU_DISPATCH(flash_attention_backward_kernel)(
+    INTERNLM2_CPU_DISPATCH_BF16(flash_attention_backward_kernel)(
         grad_out, q, k, v, out, lse, grad_lse.has_value() ? grad_lse->const_data_ptr<float>() : nullptr, cu, num_seqs,
         causal, softmax_scale, grad_q, grad_k, grad_v);
   }

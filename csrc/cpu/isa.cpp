@@ -2,6 +2,7 @@
 
 #include <ATen/Version.h>
 
+#include <cstdlib>
 #include <string>
 
 namespace internlm2::cpu {
@@ -11,6 +12,12 @@ Isa detect() {
   // ATen's own detection: cpuinfo plus the ATEN_CPU_CAPABILITY override, so `ATEN_CPU_CAPABILITY=default`
   // forces the portable kernels here too (useful for testing them on an AVX-512 machine).
   const std::string cap = at::get_cpu_capability();
+#if defined(INTERNLM2_CPU_HAS_AVX512_BF16)
+  // ATen has no level for bf16 dot products; an explicit ATEN_CPU_CAPABILITY=avx512 keeps them off.
+  if (cap == "AVX512" && std::getenv("ATEN_CPU_CAPABILITY") == nullptr && __builtin_cpu_supports("avx512bf16")) {
+    return Isa::kAvx512Bf16;
+  }
+#endif
 #if defined(INTERNLM2_CPU_HAS_AVX512)
   if (cap == "AVX512") return Isa::kAvx512;
 #endif
@@ -28,6 +35,8 @@ Isa best_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16:
+      return "avx512_bf16";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:

@@ -11,12 +11,14 @@ Pretraining data flow (each step usable on its own):
     loader = DataLoader(mix, batch_sampler=sampler, collate_fn=collate_packed, num_workers=1)
 
 Each batch is one packed sequence: `input_ids`, `labels`, `position_ids` [B*T], `cu_seqlens` int32, and
-`max_seqlen`. SFT data is prepared with `format="chat"` (ChatML, assistant-only loss) and packed the same
-way; `PreferenceDataset` and `PromptDataset` serve the reward model and PPO.
+`max_seqlen`. SFT data is prepared with `format="chat"` (ChatML, assistant-only loss) and packed whole-
+conversation by `ConversationPackedDataset` (rows of the same form, so they mix with pretraining rows);
+`PreferenceDataset` and `PromptDataset` serve the reward model and PPO.
 """
 
 from internlm2.data.builtin_corpus import stdlib_files
 from internlm2.data.chat import ChatFormatError, Message, check_order, parse_messages, render
+from internlm2.data.conversation_packing import ConversationPackedDataset
 from internlm2.data.errors import DataError
 from internlm2.data.hf_tokenizer import hf_tokenizer_files
 from internlm2.data.mixture import MixtureDataset
@@ -29,7 +31,8 @@ from internlm2.data.tokenizer import CHAT_TOKENS, Tokenizer
 from internlm2.data.tokenizer_training import train_tokenizer
 
 __all__ = [
-    "CHAT_TOKENS", "IGNORE_INDEX", "ChatFormatError", "DataError", "Message", "MixtureDataset", "PackedDataset",
+    "CHAT_TOKENS", "IGNORE_INDEX", "ChatFormatError", "ConversationPackedDataset", "DataError", "Message",
+    "MixtureDataset", "PackedDataset",
     "PrepareOptions", "PreparedDataset", "PreferenceDataset", "PromptDataset", "ResumableSampler", "Tokenizer",
     "check_order", "collate_packed", "hf_tokenizer_files", "micro_batch_indices", "parse_messages", "prepare", "render",
     "sample_indices", "stdlib_files", "train_tokenizer",

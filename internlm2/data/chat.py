@@ -1,19 +1,25 @@
 """ChatML as InternLM2 uses it, rendered to token ids with a loss mask for SFT.
 
-    <s><|im_start|>system\\n{meta}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n
-    <|im_start|>assistant\\n{a}<|im_end|>\\n
+    <s><|im_start|>system\n{meta}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n
+    <|im_start|>assistant\n{a}<|im_end|>\n
 
 Roles: system, user, assistant, environment. Tools: a system or environment message may name one
-(`name: "plugin"` or `"interpreter"`), rendered `<|im_start|>system name=<|plugin|>\\n...`; an assistant
-writes a tool call inline, `...<|action_start|><|plugin|>\\n{"name": ...}<|action_end|>`, and the chat
-tokens in content are encoded as themselves.
+(`name: "plugin"` or `"interpreter"`), rendered `<|im_start|>system name=<|plugin|>\n...`; an assistant
+writes a tool call inline, `...<|action_start|><|plugin|>\n{"name": ..., "parameters": {...}}<|action_end|>`
+(`tool_call_text`, `parse_tool_calls`), and the chat tokens in content are encoded as themselves. A plugin
+system message whose content is JSON (a list of `{"name": ...}` schemas) declares the tools a conversation
+may call; a call to any other tool is refused.
 
-Each message's header (`<|im_start|>role\\n`) and content are encoded separately, so the boundary between
-what is trained and what is not always falls between tokens.
+The text between two chat tokens is encoded as one piece, as a tokenizer that reads the whole rendered
+string does (transformers' `apply_chat_template` with the template of chat_template.py): a message's
+`role\n` header and its content are encoded together, so content that starts with a newline gives the
+merged newline token the whole string gives. The mask starts at the first token that lies wholly inside the
+content; a token that straddles the header and the content is not trained.
 
 JSON form of a conversation: `[{"role": "user", "content": "..."}, ...]` (optional `"name"`).
 """
 
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,6 +28,7 @@ from internlm2.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "environment")
 TOOLS = ("plugin", "interpreter")
+ACTION_START, ACTION_END = "<|action_start|>", "<|action_end|>"
 
 # Which role may follow which; None is the start of the conversation. System messages (the meta prompt,
 # tool schemas) come first; an environment message answers an assistant's tool call.
@@ -80,9 +87,8 @@ def render(messages: Sequence[Message], tokenizer: Tokenizer, *, bos: bool = Tru
            train_roles: Sequence[str] = ("assistant",)) -> tuple[list[int], list[int]]:
     """Token ids of the conversation and a mask (1 = a training target): the content and closing
     `<|im_end|>` of every message whose role is in `train_roles`, so the model learns to answer and to
-    stop. `generation_prompt` appends `<|im_start|>assistant\\n` for the model to continue."""
+    stop. `generation_prompt` appends `<|im_start|>assistant\n` for the model to continue."""
     start, end = tokenizer.special_id("<|im_start|>"), tokenizer.special_id("<|im_end|>")
-    newline = tokenizer.encode("\n")
     ids = [tokenizer.bos_id] if bos else []
     mask = [0] * len(ids)
 
@@ -91,20 +97,107 @@ def render(messages: Sequence[Message], tokenizer: Tokenizer, *, bos: bool = Tru
         mask.extend([int(trained)] * len(tokens))
 
     for m in messages:
-        trained = m.role in train_roles
-        if m.name is None:
-            put([start, *tokenizer.encode(m.role + "\n")], False)
-        else:  # the tool token by id, so a tokenizer without it fails instead of spelling it out
-            put([start, *tokenizer.encode(f"{m.role} name="), tokenizer.special_id(f"<|{m.name}|>"), *newline], False)
-        put([*tokenizer.encode(m.content), end], trained)
-        put(newline, False)
+        header = m.role + "\n"
+        if m.name is not None:  # the tool token by id, so a tokenizer without it fails instead of spelling it out
+            put([start, *tokenizer.encode(f"{m.role} name="), tokenizer.special_id(f"<|{m.name}|>")], False)
+            header = "\n"
+        else:
+            put([start], False)
+        tokens = tokenizer.encode(header + m.content)
+        split = _content_start(tokens, header, tokenizer)
+        put(tokens[:split], False)
+        put([*tokens[split:], end], m.role in train_roles)
+        put(tokenizer.encode("\n"), False)
     if generation_prompt:
         put([start, *tokenizer.encode("assistant\n")], False)
     return ids, mask
 
 
+def _content_start(tokens: list[int], header: str, tokenizer: Tokenizer) -> int:
+    """Index of the first of `tokens` (the encoding of header + content) that lies wholly in the content."""
+    k = 0
+    while k < len(tokens) and header.startswith(tokenizer.decode(tokens[:k + 1])):
+        k += 1
+    return k if tokenizer.decode(tokens[:k]) == header else k + 1
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call in an assistant message: a plugin function by name with its parameters, or code for the
+    interpreter (`name` None, `parameters` the code)."""
+
+    tool: str  # "plugin" or "interpreter"
+    name: str | None
+    parameters: dict | str
+
+
+def tool_call_text(name: str, parameters: dict) -> str:
+    """A plugin call as the assistant writes it."""
+    return f"{ACTION_START}<|plugin|>\n{json.dumps({'name': name, 'parameters': parameters})}{ACTION_END}"
+
+
+def parse_tool_calls(content: str, where: str = "message") -> list[ToolCall]:
+    """The tool calls in an assistant message's content, in order; `ChatFormatError` for one that does not
+    parse (an unclosed action, an unknown tool token, a plugin call that is not a JSON object with a string
+    `name` and an object `parameters`)."""
+    calls, rest = [], content
+    while ACTION_START in rest:
+        body, closed, rest = rest.split(ACTION_START, 1)[1].partition(ACTION_END)
+        if not closed:
+            raise ChatFormatError(f"{where}: {ACTION_START} without {ACTION_END}")
+        tool = next((t for t in TOOLS if body.startswith(f"<|{t}|>\n")), None)
+        if tool is None:
+            raise ChatFormatError(f"{where}: a tool call must start with <|plugin|> or <|interpreter|> and a newline, "
+                                  f"got {body[:40]!r}")
+        body = body[len(f"<|{tool}|>\n"):]
+        if tool == "interpreter":
+            calls.append(ToolCall(tool, None, body))
+            continue
+        try:
+            call = json.loads(body)
+        except ValueError as e:
+            raise ChatFormatError(f"{where}: the plugin call is not JSON ({e})") from None
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str)
+                and isinstance(call.get("parameters", {}), dict)):
+            raise ChatFormatError(f'{where}: a plugin call is {{"name": str, "parameters": {{...}}}}, '
+                                  f"got {body[:80]!r}")
+        calls.append(ToolCall(tool, call["name"], call.get("parameters", {})))
+    return calls
+
+
+def declared_tools(messages: Sequence[Message]) -> set[str] | None:
+    """Names of the plugin tools that the plugin system messages declare as JSON schemas (a list of
+    `{"name": ...}` objects, or one); None when no such message declares any (free-text tool prompts)."""
+    names = None
+    for m in messages:
+        if m.role != "system" or m.name != "plugin":
+            continue
+        try:
+            schemas = json.loads(m.content)
+        except ValueError:
+            continue
+        for schema in schemas if isinstance(schemas, list) else [schemas]:
+            if isinstance(schema, dict) and isinstance(schema.get("name"), str):
+                names = (names or set()) | {schema["name"]}
+    return names
+
+
+def check_tool_calls(messages: Sequence[Message], where: str = "conversation") -> None:
+    """Every assistant tool call parses and names a declared tool (when the conversation declares any)."""
+    declared = declared_tools(messages)
+    for k, m in enumerate(messages):
+        if m.role != "assistant":
+            continue
+        for call in parse_tool_calls(m.content, f"{where}: message {k}"):
+            if call.tool == "plugin" and declared is not None and call.name not in declared:
+                raise ChatFormatError(f"{where}: message {k} calls unknown tool {call.name!r}; the conversation "
+                                      f"declares {sorted(declared)}")
+
+
 def conversation_tokens(value, tokenizer: Tokenizer, where: str) -> tuple[list[int], list[int]]:
-    """A JSON conversation for SFT, checked (it must end with an assistant turn) and rendered."""
+    """A JSON conversation for SFT, checked (role order, ending with an assistant turn, tool calls) and
+    rendered."""
     messages = parse_messages(value, where)
     check_order(messages, ("assistant",), where)
+    check_tool_calls(messages, where)
     return render(messages, tokenizer)

@@ -5,7 +5,7 @@
   (same ids, same piece type), so every reader finds them: ours, transformers, InternLM2's own tokenizer.
   A model that already names them (every one `train_tokenizer` makes) is written byte for byte.
 - `tokenizer_config.json`: BOS added and EOS not, pad = EOS, `<unk>`/`<s>`/`</s>` and the chat tokens as
-  special added tokens at their ids, the ChatML chat template.
+  special added tokens at their ids, the ChatML chat template (chat_template.py: tools included).
 - `special_tokens_map.json`: the same special tokens.
 
 The tokenizer class is transformers' `LlamaTokenizer`, not InternLM2's `InternLM2Tokenizer`: that one is
@@ -17,14 +17,8 @@ from __future__ import annotations
 
 import json
 
+from internlm2.data.chat_template import chat_template
 from internlm2.data.tokenizer import CHAT_TOKENS, MODEL_FILE, Tokenizer
-
-# InternLM2's chat template (ChatML, see chat.py) as its released tokenizer configs carry it.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
-    "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 def _added_token(content: str) -> dict:
     return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
@@ -123,7 +117,7 @@ def hf_tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
         "tokenizer_class": "LlamaTokenizer",
     }
     if {"<|im_start|>", "<|im_end|>"} <= set(chat):
-        config["chat_template"] = CHAT_TEMPLATE
+        config["chat_template"] = chat_template()
     return {
         MODEL_FILE: _model_naming_chat_tokens(tokenizer),
         "tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode(),

@@ -15,9 +15,10 @@ BOS/EOS added per document by default, as InternLM2's pretraining sees them) and
 
 import multiprocessing as mp
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
@@ -167,7 +168,7 @@ def _write_text_docs(writer: ShardWriter, spans, options: PrepareOptions, tokeni
 
 
 def _write_chat_docs(writer: ShardWriter, spans, tokenizer: Tokenizer, skips: Skips):
-    for span in spans:
+    for k, span in enumerate(spans):
         for where, record in read_records(span, skips):
             if not isinstance(record, dict) or "messages" not in record:
                 skips.record("no_messages", str(where), 'record has no "messages" field')
@@ -177,7 +178,7 @@ def _write_chat_docs(writer: ShardWriter, spans, tokenizer: Tokenizer, skips: Sk
             except ChatFormatError as e:
                 skips.record("bad_conversation", str(where), str(e).removeprefix(f"{where}: "))
                 continue
-            writer.add(ids, mask)
+            writer.add(ids, mask, (k, where.offset))
 
 
 def prepare_shard(out: Path, entry: dict, options: PrepareOptions, fail: bool) -> dict:
@@ -261,3 +262,34 @@ def _summary(headers: dict[str, dict], made_now: int) -> dict:
     if summary["num_docs"] == 0:
         raise DataError("no documents were prepared:\n" + (skips.summary() or "  the inputs hold no documents"))
     return summary
+
+
+def write_token_documents(out_dir: str | os.PathLike, documents: Iterable[Sequence[int]], tokenizer: Tokenizer,
+                          source: str) -> dict:
+    """A prepared dataset of documents that are token ids already (generated data, e.g. passkey
+    documents made to an exact length), in the layout `prepare` writes, so training reads and mixes it
+    like any other. `source` says what made the documents; it stands in for the input spans. Written
+    under a temporary name and renamed, so a failure leaves nothing at `out_dir`, which must not exist."""
+    out = Path(out_dir)
+    if out.exists():
+        raise DataError(f"{out} exists; generated datasets are written to a fresh directory")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        name = shard_name(0)
+        writer = ShardWriter(tmp, name, tokenizer.vocab_size, with_mask=False)
+        for ids in documents:
+            writer.add(ids)
+        header = writer.finish(tokenizer.fingerprint, [source], {"counts": {}, "examples": {}})
+        write_json_atomic(tmp / MANIFEST, {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
+            "options": asdict(PrepareOptions()),
+            "shards": [{"name": name, "spans": [source]}],
+        })
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _summary({name: header}, 1)

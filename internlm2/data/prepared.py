@@ -13,6 +13,7 @@ from internlm2.data.errors import DataError
 from internlm2.data.files import read_versioned_json
 from internlm2.data.prepare import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from internlm2.data.shards import Shard
+from internlm2.data.sources import Location
 
 
 class PreparedDataset:
@@ -57,6 +58,19 @@ class PreparedDataset:
         shard, local = self.shards[k], i - self._doc_starts[k]
         lo, hi = shard.offsets[local], shard.offsets[local + 1]
         return np.asarray(shard.tokens[lo:hi]), None if shard.mask is None else np.asarray(shard.mask[lo:hi])
+
+    def document_lengths(self) -> np.ndarray:
+        """Tokens of every document, int64 [num_docs]."""
+        return _concat([np.diff(s.offsets) for s in self.shards], np.int64)
+
+    def where(self, i: int) -> str:
+        """Where document `i` came from: `file:line` of its record (chat data), else the dataset and index."""
+        k = int(np.searchsorted(self._doc_starts, i, side="right")) - 1
+        shard = self.shards[k]
+        if shard.locations is None:
+            return f"{self.path} document {i}"
+        span, offset = (int(v) for v in shard.locations[i - self._doc_starts[k]])
+        return str(Location(shard.header["source"][span][0], offset))
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Tokens [start, stop) of the stream as int64, their mask (chat data) and the stream offsets of

@@ -4,6 +4,9 @@ A shard `NAME` is four files in one directory:
 - `NAME.bin`   the documents' tokens back to back (uint16 when the vocabulary fits, else uint32);
 - `NAME.idx`   int64 document offsets into the tokens, [num_docs + 1], from 0 to num_tokens;
 - `NAME.mask`  (chat data only) uint8 per token, 1 where the token is a training target;
+- `NAME.loc`   (chat data only) int64 [num_docs, 2], where each document's record is: the index of its
+               span in `source` and its byte offset in that file, so a problem found at training time
+               (SFT truncation) names the file and line;
 - `NAME.json`  the header: format version, dtype, counts, tokenizer fingerprint, a BLAKE2 checksum of
                the data files, and what the shard was made from (`source`) and what was skipped.
 
@@ -24,7 +27,7 @@ from internlm2.data.files import read_versioned_json, write_json_atomic
 
 FORMAT = "internlm2-token-shard"
 VERSION = 1
-_DATA_SUFFIXES = (".bin", ".idx", ".mask")
+_DATA_SUFFIXES = (".bin", ".idx", ".mask", ".loc")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -38,7 +41,7 @@ class ShardWriter:
         self.directory, self.name = Path(directory), name
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
-        self._files = {s: open(self._tmp(s), "wb") for s in _DATA_SUFFIXES if s != ".mask" or with_mask}
+        self._files = {s: open(self._tmp(s), "wb") for s in _DATA_SUFFIXES if s in (".bin", ".idx") or with_mask}
         self._hash = {s: hashlib.blake2b(digest_size=16) for s in self._files}
         self._offsets = [0]
 
@@ -49,8 +52,9 @@ class ShardWriter:
         self._files[suffix].write(data)
         self._hash[suffix].update(data)
 
-    def add(self, ids, mask=None) -> None:
-        """Appends one document (`mask`: per-token training-target flags, required for chat shards)."""
+    def add(self, ids, mask=None, location: tuple[int, int] = (-1, -1)) -> None:
+        """Appends one document (`mask`: per-token training-target flags, required for chat shards;
+        `location`: (span index, byte offset) of its record, kept by chat shards)."""
         tokens = np.asarray(ids, dtype=np.int64)
         if tokens.size == 0:
             raise ValueError("a shard document needs at least one token")
@@ -64,6 +68,7 @@ class ShardWriter:
             if flags.shape != tokens.shape:
                 raise ValueError(f"mask has {flags.size} entries for {tokens.size} tokens")
             self._write(".mask", flags.tobytes())
+            self._write(".loc", np.asarray(location, dtype=np.int64).tobytes())
         self._offsets.append(self._offsets[-1] + tokens.size)
 
     def finish(self, tokenizer_fingerprint: str, source: list, skipped: dict) -> dict:
@@ -82,6 +87,7 @@ class ShardWriter:
             "num_tokens": self._offsets[-1],
             "num_docs": len(self._offsets) - 1,
             "has_mask": ".mask" in self._files,
+            "has_locations": ".loc" in self._files,
             "tokenizer": tokenizer_fingerprint,
             "checksum": {s: h.hexdigest() for s, h in sorted(self._hash.items())},
             "skipped": skipped,
@@ -116,10 +122,13 @@ class Shard:
         self.header = header
         self.num_tokens, self.num_docs = header["num_tokens"], header["num_docs"]
         self.has_mask, self.tokenizer = header["has_mask"], header["tokenizer"]
+        self.has_locations = header.get("has_locations", False)  # chat shards made before .loc files lack them
         self.dtype = np.dtype(header["dtype"])
         expected = {".bin": self.num_tokens * self.dtype.itemsize, ".idx": (self.num_docs + 1) * 8}
         if self.has_mask:
             expected[".mask"] = self.num_tokens
+        if self.has_locations:
+            expected[".loc"] = self.num_docs * 16
         for suffix, size in expected.items():
             path = self.directory / f"{name}{suffix}"
             actual = path.stat().st_size if path.is_file() else None
@@ -162,6 +171,11 @@ class Shard:
     @property
     def mask(self) -> np.ndarray | None:
         return self._map(".mask", np.uint8) if self.has_mask else None
+
+    @property
+    def locations(self) -> np.ndarray | None:
+        """[num_docs, 2] (span index, byte offset) of each document's record, or None."""
+        return self._map(".loc", np.int64).reshape(-1, 2) if self.has_locations else None
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_maps"}

@@ -53,11 +53,12 @@ class Attention(nn.Module):
         k = kernels.apply_rope(qkv[:, :, g], cos, sin)
         v = qkv[:, :, g + 1].contiguous()
         if packing.context is not None:
-            out = ring_attention(q, k, v, packing.context, self.parallel, attention=kernels.flash_attention)
+            out = ring_attention(q, k, v, packing.context, self.parallel, attention=kernels.flash_attention,
+                                 overlap=self.parallel.config.cp_overlap)
         elif cache is None or cache.is_empty:
             out = kernels.flash_attention(q, k, v, packing.cu_seqlens, packing.max_seqlen, causal=True)
             if cache is not None:
                 cache.write_prefill(self.layer_id, k, v, packing)
         else:
-            out = cache.decode_attention(self.layer_id, q, k, v)
+            out = cache.decode_attention(self.layer_id, q, k, v, kernels.kv_cache_attention)
         return self.wo(out.reshape(tokens, self.local_heads * d))

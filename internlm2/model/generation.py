@@ -13,7 +13,7 @@ HF's generate does (its tests pin this down token for token).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,8 +96,10 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
 
 @torch.no_grad()
 def generate(model: InternLM2ForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(),
-             generator: torch.Generator | None = None) -> GenerationResult:
+             generator: torch.Generator | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
     """Continues every prompt (a list of token ids) by up to `params.max_new_tokens` tokens.
+    `on_token(prompt index, token)` is called for each new token as it is drawn (streaming).
 
     Under tensor parallelism every TP rank calls this with the same prompts and an identically seeded
     `generator`: the logits are gathered, so all ranks draw the same tokens."""
@@ -134,6 +136,8 @@ def generate(model: InternLM2ForCausalLM, prompts: Sequence[Sequence[int]], para
         for prompt, token, logprob in zip(rows[live].tolist(), next_ids[live].tolist(), drawn[live].tolist()):
             tokens[prompt].append(token)
             logprobs[prompt].append(logprob)
+            if on_token is not None:
+                on_token(prompt, token)
         for prompt in rows[finished].tolist():
             reasons[prompt] = "stop"
         live &= ~finished

@@ -13,7 +13,8 @@ from typing import Callable
 from internlm2 import ops
 from internlm2.model.config import KERNELS
 
-_OPS = ("rms_norm", "swiglu", "rope_cos_sin", "apply_rope", "flash_attention", "linear_cross_entropy")
+_OPS = ("rms_norm", "swiglu", "rope_cos_sin", "apply_rope", "flash_attention", "kv_cache_attention",
+        "linear_cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Kernels:
     rope_cos_sin: Callable
     apply_rope: Callable
     flash_attention: Callable
+    kv_cache_attention: Callable
     linear_cross_entropy: Callable
 
 

@@ -1,17 +1,20 @@
 """The key/value cache of batched generation.
 
-One preallocated buffer per layer, `[B, kv_heads, capacity, head_dim]` (the layout attention reads
-without transposes), and the number of tokens each sequence holds. The prompts of a batch have different
-lengths: the prefill runs on the packed prompts (no padding computed) and scatters each sequence's keys
-and values to slots `0..len-1`; every decode step adds one token per sequence at slot `len` and attends
-over slots `0..len`. Finished sequences can be dropped (`keep`), so a batch whose answers end at different
-times stops paying for the finished ones.
+One preallocated buffer per layer, `[B, kv_heads, capacity, head_dim]` (the layout of the
+`kv_cache_attention` kernel: each sequence's keys of one head are contiguous rows), and the number of
+tokens each sequence holds. The prompts of a batch have different lengths: the prefill runs on the packed
+prompts (no padding computed) and scatters each sequence's keys and values to slots `0..len-1`; every
+decode step adds one token per sequence at slot `len` and attends over slots `0..len` of its own row (the
+kernel reads no slot past a sequence's length, so rows of different lengths cost what they hold).
+Finished sequences can be dropped (`keep`), so a batch whose answers end at different times stops paying
+for the finished ones.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 
 from internlm2.model.packing import Packing
 
@@ -20,13 +23,13 @@ class KVCache:
     def __init__(self, layer_ids, batch_size: int, capacity: int, kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (batch_size, kv_heads, capacity, head_dim)
-        # Zeroed, not empty: a masked slot still enters the probabilities @ values product with weight 0,
-        # and 0 * (NaN left in uninitialised memory) would be NaN.
-        self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
-        self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        # Slots are written before they are read (attention stops at each sequence's length): no zeroing.
+        self.keys = {i: torch.empty(shape, dtype=dtype, device=device) for i in layer_ids}
+        self.values = {i: torch.empty(shape, dtype=dtype, device=device) for i in layer_ids}
         self.capacity = capacity
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.max_length = 0  # host copy of lengths.max(): sizes the attended window without a sync
+        self.max_length = 0  # host copy of lengths.max(): checks capacity without a sync
+        self._decode_key_lengths: torch.Tensor | None = None  # lengths + 1 as int32, once per decode step
 
     @property
     def batch_size(self) -> int:
@@ -48,22 +51,18 @@ class KVCache:
         slots = torch.arange(packing.num_tokens, device=lengths.device) - packing.cu_seqlens[:-1].long()[rows]
         return rows, slots
 
-    def decode_attention(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def decode_attention(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         attention: Callable) -> torch.Tensor:
         """Adds one token per sequence (k/v [B, kv_heads, D]) and attends q [B, heads, D] over each
-        sequence's cached tokens plus the new one. -> [B, heads, D]."""
+        sequence's cached tokens plus the new one with `attention` (the model's `kv_cache_attention`:
+        the kernel or its reference). -> [B, heads, D]."""
         rows = torch.arange(self.batch_size, device=q.device)
         keys, values = self.keys[layer_id], self.values[layer_id]
         keys[rows, :, self.lengths] = k
         values[rows, :, self.lengths] = v
-        window = self.max_length + 1
-        visible = torch.arange(window, device=q.device)[None, :] <= self.lengths[:, None]  # [B, window]
-        # One query per sequence against a short cache: torch's SDPA (GQA-aware, masked) is the decode
-        # kernel; the packed flash_attention op needs equal query and key lengths.
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys[:, :, :window], values[:, :, :window], attn_mask=visible[:, None, None, :],
-            enable_gqa=True,
-        )
-        return out.squeeze(2)
+        if self._decode_key_lengths is None:  # the same for every layer of the step
+            self._decode_key_lengths = (self.lengths + 1).to(torch.int32)
+        return attention(q, keys, values, self._decode_key_lengths)
 
     def check_step(self, packing: Packing) -> None:
         """Checks that a forward call fits: a prefill of one prompt per cache row into an empty cache,
@@ -93,6 +92,7 @@ class KVCache:
         else:
             self.lengths += 1
             self.max_length += 1
+        self._decode_key_lengths = None
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keeps only the sequences `rows` (in that order), e.g. the unfinished ones."""
@@ -101,3 +101,4 @@ class KVCache:
                 store[i] = store[i].index_select(0, rows)
         self.lengths = self.lengths.index_select(0, rows)
         self.max_length = int(self.lengths.max()) if rows.numel() else 0
+        self._decode_key_lengths = None

@@ -100,6 +100,12 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                  "num_key_value_heads", "head_size")
 
 
+def shape_differences(source: ModelConfig, model: ModelConfig) -> list[str]:
+    """The shape fields in which a checkpoint's config differs from the model's, as `field a (model: b)`."""
+    return [f"{f} {getattr(source, f)} (model: {getattr(model, f)})" for f in _SHAPE_FIELDS
+            if getattr(source, f) != getattr(model, f)]
+
+
 @torch.no_grad()
 def load_into(modules: Iterable[nn.Module], directory: str | Path, parallel: ParallelState | None = None, *,
               config: ModelConfig | None = None, fresh: Iterable[str] = ()) -> ModelConfig:
@@ -117,8 +123,7 @@ def load_into(modules: Iterable[nn.Module], directory: str | Path, parallel: Par
     parallel = parallel or ParallelState.single()
     source, fmt, _ = read_hf_config(directory)
     if config is not None:
-        differ = [f"{f} {getattr(source, f)} (model: {getattr(config, f)})" for f in _SHAPE_FIELDS
-                  if getattr(source, f) != getattr(config, f)]
+        differ = shape_differences(source, config)
         if differ:
             raise CheckpointError(f"{directory / 'config.json'} describes another model shape: {', '.join(differ)}")
     reader = CheckpointReader(directory)

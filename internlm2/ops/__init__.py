@@ -9,6 +9,7 @@ the op runs its reference and warns once per case (KernelFallbackWarning; `fallb
 
 from internlm2.ops._fallback import KernelFallbackWarning, fallbacks_taken
 from internlm2.ops.flash_attention import flash_attention, flash_attention_reference
+from internlm2.ops.kv_cache_attention import kv_cache_attention, kv_cache_attention_reference
 from internlm2.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from internlm2.ops.rms_norm import rms_norm, rms_norm_reference
 from internlm2.ops.rope import (
@@ -28,6 +29,8 @@ __all__ = [
     "fallbacks_taken",
     "flash_attention",
     "flash_attention_reference",
+    "kv_cache_attention",
+    "kv_cache_attention_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "rms_norm",

@@ -191,3 +191,11 @@ class InFlightSends:
             thread.join()
         self._waiters.clear()
         self._raise()
+
+
+def exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group) -> list:
+    """Starts sending `send` to global rank `dst` while receiving into `recv` from global rank `src`;
+    returns the works to wait (keep both tensors alive until then). One batched call, so NCCL cannot
+    deadlock when every rank sends and receives at once, even when dst == src."""
+    _record("send", group, send)
+    return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, dst, group), dist.P2POp(dist.irecv, recv, src, group)])

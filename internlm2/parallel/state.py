@@ -43,6 +43,8 @@ class ParallelConfig:
         None means all of them. Must divide dp * cp.
     sequence_parallel: shard activations along the token dimension between TP regions (needs tp > 1 to
         matter; tokens per micro-batch must then divide by tp).
+    cp_overlap: ring attention overlaps each K/V hop with the attention of the block already held (off:
+        every hop completes first; the baseline the overlap is measured against).
     """
 
     tp: int = 1
@@ -53,6 +55,7 @@ class ParallelConfig:
     stage_layout: tuple[tuple[int, ...], ...] | None = None
     zero1_size: int | None = None
     sequence_parallel: bool = False
+    cp_overlap: bool = True
 
     @property
     def world_size(self) -> int:

@@ -43,13 +43,16 @@ from torch.distributed.tensor import DTensor, Shard
 from internlm2.config import save_yaml
 from internlm2.errors import CheckpointError
 from internlm2.model import ModelConfig
-from internlm2.model.pretrained import model_kind
+from internlm2.model.pretrained import model_kind, shape_differences
 from internlm2.parallel import ParallelState
 from internlm2.train.engine import Engine
 
 FORMAT_VERSION = 2
 STATE_FILE, MANIFEST = "state.json", "manifest.json"
 _OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq")
+MODEL_UNIT = "model"  # the unit of the one model a staged run (pretraining, SFT) trains
+
+
 def _global(tensor: torch.Tensor, param: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
     """`tensor` (this rank's piece of `param`'s kind) as the global tensor DCP should see."""
     dim = getattr(param, "tensor_parallel_dim", None)
@@ -157,6 +160,22 @@ def load(directory: Path, units: dict[str, Engine], parallel: ParallelState) -> 
     if state["world_size"] == parallel.world_size and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True), parallel.device)
     return state["loop"]
+
+
+def load_weights(directory: Path, unit: str, chunks, parallel: ParallelState) -> None:
+    """Collective: unit `unit`'s weights from a verified checkpoint into `chunks` (this rank's part of the
+    model, in any layout: DCP reads the pieces each shard needs), and nothing else: no optimizer state, no
+    RNG, no loop position (a new run starting from another run's model)."""
+    directory = Path(directory)
+    problem = verify(directory, parallel)
+    if problem is not None:
+        raise CheckpointError(f"init_from {directory}: {problem}")
+    _, saved = unit_config(directory, unit)
+    differ = shape_differences(saved, chunks[0].config)
+    if differ:
+        raise CheckpointError(f"init_from {directory}: unit {unit!r} has another model shape: {', '.join(differ)}")
+    with single_process_quiet():
+        dcp.load(unit_state_dict(unit, Engine(chunks, parallel), None), checkpoint_id=directory / "dcp")
 
 
 def read_unit_tensor(directory: Path, unit: str, name: str, shape) -> torch.Tensor:

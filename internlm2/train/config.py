@@ -156,10 +156,10 @@ class SampleConfig:
 @dataclass
 class TrainConfig:
     run_dir: str
-    model: dict[str, Any]  # internlm2.model.ModelConfig fields; `preset: NAME` starts from a preset
+    model: dict[str, Any]  # ModelConfig fields; `preset: NAME` starts from a preset (with init_from: changes to it)
     stages: list[StageConfig]
     data: DataConfig = field(default_factory=DataConfig)
-    init_from: str | None = None  # an HF checkpoint directory to start from (continued pretraining, SFT)
+    init_from: str | None = None  # an HF directory or a training checkpoint to start from (see init_from.py)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     recompute: Literal["none", "selective", "full"] = "none"
     seed: int = 1234
@@ -183,10 +183,11 @@ class TrainConfig:
         if self.optim.warmup_steps > self.total_steps:
             raise ConfigError(f"optim.warmup_steps: {self.optim.warmup_steps} is more than the run's "
                               f"{self.total_steps} steps")
-        try:
-            ModelConfig.from_dict(self.model)
-        except ValueError as err:
-            raise ConfigError(f"model: {err}") from None
+        if self.init_from is None:  # else `model` changes init_from's config, checked with it (preflight)
+            try:
+                ModelConfig.from_dict(self.model)
+            except ValueError as err:
+                raise ConfigError(f"model: {err}") from None
 
     @property
     def total_steps(self) -> int:

@@ -78,9 +78,11 @@ def make_builtin_data(cfg: BuiltinData, data_dir: Path) -> None:
                   flush=True)
 
 
-def stage_dataset(sources: list[DataSource], tokenizer: Tokenizer, seq_len: int) -> Dataset:
-    """Packed rows of `seq_len` tokens from one dataset, or a weighted mixture of several."""
-    rows = [PackedDataset(PreparedDataset(s.path, tokenizer.fingerprint), seq_len) for s in sources]
+def stage_dataset(sources: list[DataSource], tokenizer: Tokenizer, seq_len: int,
+                  rows_of: Callable[[PreparedDataset, int], Dataset] = PackedDataset) -> Dataset:
+    """Rows of `seq_len` tokens from one dataset, or a weighted mixture of several; `rows_of(prepared,
+    seq_len)` makes one dataset's rows (pretraining: its document stream cut into rows)."""
+    rows = [rows_of(PreparedDataset(s.path, tokenizer.fingerprint), seq_len) for s in sources]
     if len(rows) == 1:
         return rows[0]
     return MixtureDataset(rows, [s.weight for s in sources])

@@ -1,10 +1,11 @@
 """Everything about a run that can be checked before any process group waits or any data is made.
 
-`plan_run(cfg)` resolves the model configuration (its vocabulary from the tokenizer, padded for the
-layout), the parallel layout against the launcher's world size and the model's shape, each stage's batch
-arithmetic against the layout, the held-out set against the data-parallel size, and every path the run
-reads. A problem raises `ConfigError` naming its cause (`parallel.tp=3 ...`, not a later `dp=0`), which
-the CLI prints as one line, within a second of starting.
+`plan_run(cfg)` resolves the model configuration (`init_from`'s when given, see init_from.py; else its
+vocabulary from the tokenizer, padded for the layout), the parallel layout against the launcher's world
+size and the model's shape, each stage's batch arithmetic against the layout, the held-out set against
+the data-parallel size, and every path the run reads (the tokenizer: `data.tokenizer`, else init_from's).
+A problem raises `ConfigError` naming its cause (`parallel.tp=3 ...`, not a later `dp=0`), which the CLI
+prints as one line, within a second of starting.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from internlm2.errors import ConfigError
 from internlm2.model import ModelConfig
 from internlm2.parallel import ParallelConfig
 from internlm2.train.config import TrainConfig
+from internlm2.train.init_from import init_source
 from internlm2.train.runtime import launched_world_size
 
 
@@ -41,24 +43,38 @@ def _round_up(x: int, multiple: int) -> int:
     return (x + multiple - 1) // multiple * multiple
 
 
+def run_tokenizer(cfg: TrainConfig) -> Path:
+    """The tokenizer a run reads (not the built-in demo's, which is trained later): `data.tokenizer`, else
+    the one that comes with `init_from`."""
+    if cfg.data.tokenizer is not None:
+        return Path(cfg.data.tokenizer)
+    source = init_source(cfg.init_from) if cfg.init_from is not None else None
+    if source is None or source.tokenizer is None:
+        raise ConfigError(f"data.tokenizer: not given, and init_from {cfg.init_from} brings no tokenizer")
+    return source.tokenizer
+
+
 def tokenizer_vocab_size(cfg: TrainConfig) -> int:
     """Pieces of the run's tokenizer (the built-in demo's as configured: it is trained later)."""
     if cfg.data.builtin is not None:
         return cfg.data.builtin.vocab_size
-    return Tokenizer.load(cfg.data.tokenizer).vocab_size
+    return Tokenizer.load(run_tokenizer(cfg)).vocab_size
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
     """`cfg.model` with the vocabulary filled in: the demo's tokenizer decides it, padded for efficient
     matmuls and TP splits, unless the config gives one (which must hold the tokenizer's pieces)."""
-    model = dict(cfg.model)
     vocab = tokenizer_vocab_size(cfg)
-    if cfg.data.builtin is not None and "vocab_size" not in model:
-        model["vocab_size"] = _round_up(vocab, 64 * cfg.parallel.tp)
-    try:
-        config = ModelConfig.from_dict(model)
-    except ValueError as err:
-        raise ConfigError(f"model: {err}") from None
+    if cfg.init_from is not None:
+        config = init_source(cfg.init_from).model_config(cfg.model)
+    else:
+        model = dict(cfg.model)
+        if cfg.data.builtin is not None and "vocab_size" not in model:
+            model["vocab_size"] = _round_up(vocab, 64 * cfg.parallel.tp)
+        try:
+            config = ModelConfig.from_dict(model)
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
     if config.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab} pieces")
     return config
@@ -105,13 +121,11 @@ def check_stages(cfg: TrainConfig, layout: ParallelConfig) -> None:
 def check_paths(cfg: TrainConfig) -> None:
     """Every file the run reads exists and opens (prepared datasets with the run's tokenizer)."""
     if cfg.data.builtin is None:
-        fingerprint = Tokenizer.load(cfg.data.tokenizer).fingerprint
+        fingerprint = Tokenizer.load(run_tokenizer(cfg)).fingerprint
         sources = [*cfg.data.train, *([cfg.data.eval] if cfg.data.eval else []),
                    *(d for s in cfg.stages for d in (s.data or []))]
         for source in sources:
             PreparedDataset(source.path, fingerprint)
-    if cfg.init_from is not None and not (Path(cfg.init_from) / "config.json").is_file():
-        raise ConfigError(f"init_from: {cfg.init_from} is not an HF checkpoint directory (no config.json)")
     if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).is_dir():
         raise ConfigError(f"checkpoint.load: {cfg.checkpoint.load} does not exist")
 

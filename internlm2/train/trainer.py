@@ -5,8 +5,9 @@ mixture, batch size and learning-rate schedule at each boundary. Its position is
 step, stage, step within the stage, samples consumed in the stage): with the model and optimizer states
 and every rank's RNG, that is all a checkpoint needs to continue bit for bit (see checkpoint.py).
 
-What is trained is a `Task` (the model class, the loss of a micro-batch, what normalises it); pretraining's
-is `NextTokenTask`, the mean next-token loss over every target token of the global batch. The engine
+What is trained is a `Task` (the model class, the loss of a micro-batch, what normalises it, and the data:
+where it is and how a stage's rows are made); pretraining's is `NextTokenTask`, the mean next-token loss
+over every target token of the global batch, on packed document rows; SFT's is in sft.py. The engine
 runs the micro-batches, divides by the normaliser and steps; a non-finite loss or gradient norm skips the
 step (logged), too many in a row stop the run naming the step and the cause.
 """
@@ -30,10 +31,11 @@ from internlm2.model.heads import BackboneOutput
 from internlm2.train import checkpoint as ckpt
 from internlm2.train.checkpoint_dir import CheckpointDirectory, check_writable
 from internlm2.train.config import StageConfig, TrainConfig
-from internlm2.train.data_setup import (eval_batches, micro_batches, pad_for_layout, resolve_data, stage_dataset,
-                                        to_device)
+from internlm2.train.data_setup import (DataPaths, eval_batches, micro_batches, pad_for_layout, resolve_data,
+                                        stage_dataset, to_device)
 from internlm2.train.engine import Engine, StepOutcome, checkpoint_bytes
 from internlm2.train.flops import DecoderShape, document_lengths, training_flops
+from internlm2.train.init_from import init_source
 from internlm2.train.metrics import MFUError, Peak, device_peak, peak_memory_bytes, reset_peak_memory, throughput
 from internlm2.train.metrics_log import MetricsLogger
 from internlm2.train.preemption import StopSignals
@@ -43,7 +45,7 @@ from internlm2.train.schedule import WarmupCosine
 from internlm2.train.timers import Timers
 
 UNKNOWN_PEAK = Peak(None, "unknown", "no utilisation: the measured peak was below the achieved rate")
-MODEL_UNIT = "model"  # the checkpoint unit of the one model a staged run trains
+MODEL_UNIT = ckpt.MODEL_UNIT
 
 
 class TrainingStopped(UserError):
@@ -54,6 +56,12 @@ class NextTokenTask:
     """The mean next-token loss over the target tokens of the global batch (labels != IGNORE_INDEX)."""
 
     model_class = InternLM2ForCausalLM
+
+    @staticmethod
+    def resolve_data(cfg: TrainConfig, rank: int, barrier: Callable[[], None]) -> DataPaths:
+        return resolve_data(cfg.data, Path(cfg.run_dir), rank, barrier)
+
+    stage_dataset = staticmethod(stage_dataset)  # (sources, tokenizer, seq_len) -> the stage's rows
 
     @staticmethod
     def loss(out: BackboneOutput, mb: dict) -> tuple[torch.Tensor, dict]:
@@ -88,7 +96,7 @@ class Trainer:
         self.runtime = Runtime.start(plan.layout, deterministic=cfg.deterministic, seed=cfg.seed, **plan.model_shape)
         self.rank, self.device, self.parallel = self.runtime.rank, self.runtime.device, self.runtime.parallel
         self.stop_signals = StopSignals.from_environment(self.device, self.rank)  # before any data is made
-        self.data = resolve_data(cfg.data, self.run_dir, self.rank, self.runtime.barrier)
+        self.data = task.resolve_data(cfg, self.rank, self.runtime.barrier)
         self.tokenizer = Tokenizer.load(self.data.tokenizer)
         if self.tokenizer.vocab_size > plan.model.vocab_size:
             raise UserError(f"model.vocab_size={plan.model.vocab_size} is smaller than the tokenizer's "
@@ -99,11 +107,19 @@ class Trainer:
                                    device=self.device, seed=cfg.seed, recompute=cfg.recompute, timers=self.timers,
                                    optim=dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                               mode=o.mode),
-                                   weights=None if cfg.init_from is None else self._load_hf)
+                                   weights=None if cfg.init_from is None else self._init_weights)
         self.state = TrainerState()
         self.checkpoints = CheckpointDirectory(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.rank,
                                                self.runtime.barrier)
         self.shape = DecoderShape.of(plan.model)
+
+    def _init_weights(self, chunks) -> None:
+        """`init_from`'s weights into this rank's chunks: an HF directory's, or a training checkpoint's unit
+        (its weights only; the run starts at step 0)."""
+        if init_source(self.cfg.init_from).is_checkpoint:
+            ckpt.load_weights(Path(self.cfg.init_from), MODEL_UNIT, chunks, self.parallel)
+        else:
+            self._load_hf(chunks)
 
     def _load_hf(self, chunks) -> None:
         """`init_from`'s weights into this rank's chunks: each rank streams its own tensor-parallel shards."""
@@ -143,12 +159,12 @@ class Trainer:
     def _run_stage(self, stage: StageConfig, logger: MetricsLogger) -> None:
         cfg, p, state = self.cfg, self.parallel, self.state
         self.engine.update_model_config(rope_theta=stage.rope_theta or self.engine.model_config.rope_theta)
-        dataset = stage_dataset(stage.data or self.data.train, self.tokenizer, stage.seq_len)
+        dataset = self.task.stage_dataset(stage.data or self.data.train, self.tokenizer, stage.seq_len)
         batches = micro_batches(dataset, stage, seed=cfg.seed + state.stage, dp_rank=p.dp_rank, dp_size=p.dp_size,
                                 consumed_samples=state.consumed_samples, num_workers=cfg.data.num_workers)
         accumulation = stage.global_batch_size // (stage.micro_batch_size * p.dp_size)
         schedule = self._schedule(stage)
-        eval_set = (stage_dataset([self.data.eval], self.tokenizer, stage.seq_len)
+        eval_set = (self.task.stage_dataset([self.data.eval], self.tokenizer, stage.seq_len)
                     if self.data.eval is not None and cfg.eval.every else None)
         while state.stage_step < stage.steps:
             lr = schedule(state.stage_step)

@@ -10,7 +10,7 @@ import sentencepiece as spm
 
 from internlm2.cli import main as cli_main
 from internlm2.data import DataError, PreparedDataset, PrepareOptions, Tokenizer, prepare
-from internlm2.data.chat import parse_messages, render
+from internlm2.data.chat import parse_messages, render, tool_call_text
 from tests.data.conftest import write_jsonl
 
 TEXTS = [f"def f{i}(x):\n    return x ** {i}  # {'é' * (i % 3)} 你好\n" * (1 + i % 7) for i in range(40)]
@@ -213,6 +213,30 @@ def test_chat_format(tmp_path, small_tokenizer):
         assert tokens.tolist() == ids and flags.astype(int).tolist() == mask
     with pytest.raises(DataError, match="the chat format reads JSONL"):
         prepare(["builtin:stdlib"], small_tokenizer, tmp_path / "x", options)
+
+
+def test_chat_tool_calls_are_checked_and_every_conversation_knows_its_line(tmp_path, small_tokenizer):
+    schema = json.dumps([{"name": "calculator", "parameters": {"expression": "string"}}])
+
+    def tool_use(name):
+        return {"messages": [
+            {"role": "system", "content": schema, "name": "plugin"}, {"role": "user", "content": "6 * 7?"},
+            {"role": "assistant", "content": tool_call_text(name, {"expression": "6 * 7"})},
+            {"role": "environment", "content": '{"result": 42}', "name": "plugin"},
+            {"role": "assistant", "content": "42"}]}
+    records = [tool_use("calculator"), tool_use("search"),
+               {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+               "not json {", tool_use("calculator")]
+    path = write_jsonl(tmp_path / "tools.jsonl", records)
+    options = PrepareOptions(format="chat", shard_bytes=300)
+    with pytest.raises(DataError, match=r"tools\.jsonl:2: message 2 calls unknown tool 'search'; the conversation "
+                                        r"declares \['calculator'\]"):
+        prepare([path], small_tokenizer, tmp_path / "fail", options)
+    summary = prepare([path], small_tokenizer, tmp_path / "out", options, on_error="skip")
+    assert summary["skipped"] == {"bad_conversation": 2, "invalid_json": 1}
+    assert "tools.jsonl:2: message 2 calls unknown tool" in summary["skip_examples"]["bad_conversation"]
+    prepared = PreparedDataset(tmp_path / "out")
+    assert [prepared.where(i) for i in range(prepared.num_docs)] == [f"{path.resolve()}:1", f"{path.resolve()}:5"]
 
 
 def test_max_bytes_takes_a_prefix_in_input_order(tmp_path, small_tokenizer):

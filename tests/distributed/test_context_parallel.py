@@ -1,4 +1,5 @@
-"""Ring attention over CP ranks equals full causal attention over the packed row, values and gradients."""
+"""Ring attention over CP ranks equals full causal attention over the packed row, values and gradients,
+with and without overlapping its hops, and keeps only this rank's tensors for the backward."""
 
 import pytest
 import torch
@@ -29,13 +30,35 @@ def _ring_case(cp: int, attention_name: str, dtype):
     ref = ops.flash_attention_reference(*full, cu, causal=True)
     ref.backward(grad)
     split = zigzag_split(cu, cp, parallel.cp_rank)
-    local = [t[split.index].clone().requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*local, split, parallel, attention=attention)
-    out.backward(grad[split.index])
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, ref.detach()[split.index], **tol)
-    for name, mine, theirs in zip("qkv", local, full):
-        torch.testing.assert_close(mine.grad, theirs.grad[split.index], **tol, msg=lambda m, n=name: f"d{n}: {m}")
+    for overlap in (True, False):
+        local = [t[split.index].clone().requires_grad_() for t in (q, k, v)]
+        out = ring_attention(*local, split, parallel, attention=attention, overlap=overlap)
+        out.backward(grad[split.index])
+        torch.testing.assert_close(out, ref.detach()[split.index], **tol)
+        for name, mine, theirs in zip("qkv", local, full):
+            torch.testing.assert_close(mine.grad, theirs.grad[split.index], **tol,
+                                       msg=lambda m, n=name, o=overlap: f"d{n} (overlap={o}): {m}")
+
+
+def _saved_bytes_case(cp: int) -> tuple[int, int]:
+    """Bytes autograd keeps for ring attention's backward, and the bytes of this rank's q, k, v, output
+    and lse computed from their shapes."""
+    parallel = worker_state(ParallelConfig(cp=cp))
+    cu, q, k, v, _ = _row(cp, torch.float32)
+    split = zigzag_split(cu, cp, parallel.cp_rank)
+    local = [t[split.index].clone().requires_grad_() for t in (q, k, v)]
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ring_attention(*local, split, parallel, attention=ops.flash_attention_reference)
+    tokens = split.index.numel()
+    expected = 4 * (tokens * HQ * D + 2 * tokens * HKV * D + tokens * HQ * D + HQ * tokens)  # fp32 q, k, v, out, lse
+    return sum(saved.values()), expected
 
 
 @pytest.mark.world_size(2)
@@ -51,6 +74,13 @@ def test_ring_attention_two_ranks_fused_kernel():
 @pytest.mark.world_size(4)
 def test_ring_attention_four_ranks():
     run_distributed(4, _ring_case, 4, "flash_attention_reference", torch.float64)
+
+
+@pytest.mark.world_size(4)
+def test_ring_attention_keeps_only_local_tensors_for_backward():
+    # Keeping every step's K/V would add (cp - 1) blocks of 2 x tokens x HKV x D, plus the partial outputs.
+    for saved, expected in run_distributed(4, _saved_bytes_case, 4):
+        assert saved == expected
 
 
 def test_zigzag_split_covers_every_token_once_with_balanced_causal_work():

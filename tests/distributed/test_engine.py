@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from internlm2.model import InternLM2ForCausalLM
-from internlm2.parallel import ParallelConfig, ParallelState, load_full_state_dict
-from internlm2.train.engine import Engine, Ratio
+from internlm2.parallel import ParallelConfig, ParallelState
+from internlm2.train.engine import Ratio
 from tests.distributed.spawn import run_distributed, worker_state
-from tests.distributed.training_harness import _full, initial_weights, microbatches, tiny_config
+from tests.distributed.training_harness import (_full, engine_with_initial_weights, initial_weights, microbatches,
+                                                tiny_config)
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -57,17 +58,8 @@ def oracle():
 
 def engine_step(parallel: ParallelState):
     """This rank's view of the same step on the engine (its DP share of the micro-batches)."""
-    config = tiny_config()
-    full = initial_weights(config)
-
-    def load(chunks):
-        for chunk in chunks:
-            names = {n for n, _ in chunk.named_parameters()}
-            load_full_state_dict(chunk, {k: v for k, v in full.items() if k in names}, parallel)
-
-    engine = Engine.build(InternLM2ForCausalLM, config, parallel, dtype=torch.float32, device=torch.device("cpu"),
-                          seed=0, optim=dict(lr=1e-3, mode="zero1"), weights=load)
-    mbs = [with_sequence_weights(mb) for mb in microbatches(0, config.vocab_size)]
+    engine = engine_with_initial_weights(parallel)
+    mbs = [with_sequence_weights(mb) for mb in microbatches(0, tiny_config().vocab_size)]
     per_rank = len(mbs) // parallel.dp_size
     mine = mbs[parallel.dp_rank * per_rank:(parallel.dp_rank + 1) * per_rank]
     evaluated = engine.evaluate(mine, per_sequence_loss, sequences(mine))

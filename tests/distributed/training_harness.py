@@ -21,6 +21,7 @@ from internlm2.parallel import ParallelConfig, ParallelState, comm, full_state_d
 from internlm2.parallel.optimizer import DistributedOptimizer, default_no_decay
 from internlm2.parallel.pipeline import forward_only, local_stages, run_pipeline
 from internlm2.parallel.tensor_parallel import gather_tensor
+from internlm2.train.engine import Engine
 
 STEPS = 3
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-2, (0.9, 0.95), 1e-8, 0.1
@@ -104,6 +105,20 @@ def reference_run(steps: int = STEPS) -> dict:
     with torch.no_grad():
         result["eval_losses"] = [stage_loss(model, None, mb).item() for mb in microbatches(steps, config.vocab_size)]
     return result
+
+
+def engine_with_initial_weights(parallel: ParallelState) -> Engine:
+    """An engine (AdamW, ZeRO-1) of the tiny model on this rank's chunks, from `initial_weights`."""
+    config = tiny_config()
+    full = initial_weights(config)
+
+    def load(chunks):
+        for chunk in chunks:
+            names = {n for n, _ in chunk.named_parameters()}
+            load_full_state_dict(chunk, {k: v for k, v in full.items() if k in names}, parallel)
+
+    return Engine.build(InternLM2ForCausalLM, config, parallel, dtype=torch.float32, device=torch.device("cpu"),
+                        seed=0, optim=dict(lr=1e-3, mode="zero1"), weights=load)
 
 
 def _full(name_to_shard: dict[str, torch.Tensor], modules, parallel: ParallelState) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from internlm2.config import ConfigError, load_config
 from internlm2.model.config import ModelConfig
 from internlm2.ops.flash_attention import cuda_kernel_gap
 from internlm2.train.config import TrainConfig
+from internlm2.train.sft import SFTConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -32,6 +33,18 @@ def test_internlm2_7b_pretrain_has_the_papers_curriculum():
 def test_tiny_default_loads():
     cfg = load_config(TrainConfig, CONFIGS / "tiny.yaml")
     assert cfg.data.builtin is not None and len(cfg.stages) == 2
+
+
+def test_sft_tiny_fine_tunes_the_tiny_default_with_pretraining_text_mixed_in():
+    cfg = load_config(SFTConfig, CONFIGS / "sft-tiny.yaml")
+    tiny = load_config(TrainConfig, CONFIGS / "tiny.yaml")
+    assert cfg.init_from == f"{tiny.run_dir}/hf" and cfg.data.train[0].path == f"{tiny.run_dir}/data/train"
+    assert cfg.data.tasks is not None and cfg.task_eval is not None
+    assert cfg.stages[0].seq_len <= tiny.model["max_position_embeddings"]
+    with pytest.raises(ConfigError, match="init_from: SFT starts from a model"):
+        load_config(SFTConfig, CONFIGS / "sft-tiny.yaml", ["init_from=null"])
+    assert load_config(SFTConfig, None, ["run_dir=r", "init_from=x", "stages=[{name: s, steps: 1, seq_len: 8, "
+                                         "global_batch_size: 1}]", "data.tasks={}"]).optim.lr == 4e-5
 
 
 @pytest.mark.parametrize("override, message", [

@@ -45,6 +45,11 @@ def tiny_config(data_dir: Path, run_dir: Path, **overrides) -> dict:
         "eval": {"every": 5, "rows": 4},
         "logging": {"tensorboard": False, "progress": False},
     }
+    return with_overrides(cfg, overrides)
+
+
+def with_overrides(cfg: dict, overrides: dict) -> dict:
+    """`cfg` with dotted keys set (`stages.0.steps`: list items by index)."""
     for key, value in overrides.items():
         node = cfg
         *path, last = key.split(".")
