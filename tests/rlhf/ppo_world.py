@@ -43,7 +43,7 @@ def make_world(directory: Path) -> Path:
     save_pretrained(InternLM2ForCausalLM(model_config(tokenizer)), directory / "actor", tokenizer_directory=tok_dir)
     rm = InternLM2ForScore(model_config(tokenizer, reward_token_id=tokenizer.unk_id))
     with torch.no_grad():
-        rm.v_head.weight.normal_(0, 0.5)  # scores spread enough to matter
+        rm.v_head.weight.normal_(0, 0.2)  # scores spread enough to matter, inside the barrier's bounds
     save_pretrained(rm, directory / "rm", tokenizer_directory=tok_dir)
     (directory / "rm" / CONDITIONS_FILE).write_text(json.dumps(CONDITIONS))
     prompts = [{"prompt": f"Please {WORDS[i % len(WORDS)]} {i}", "answer": str(i),

@@ -128,3 +128,18 @@ def test_collated_actions_are_the_positions_before_each_response_token():
     assert mb["action_mask"].tolist() == [t != -100 for t in mb["targets"].tolist()]
     assert mb["last_action"].tolist() == [3, 7]
     assert mb["cu_seqlens"].tolist() == [0, 5, 9]
+
+
+def test_reference_and_reward_model_are_frozen_and_the_memory_report_counts_each_model(world, tmp_path):
+    t = trainer(world, tmp_path / "run")
+    report = t.memory_report()
+    for name, engine in (("actor", t.actor), ("critic", t.critic), ("reference", t.reference),
+                         ("reward_model", t.reward)):
+        params = sum(p.numel() for p in engine.named_parameters().values())
+        assert report[name]["weights_mib"] == pytest.approx(params * 4 / 2**20)  # float32
+        frozen = name in ("reference", "reward_model")
+        assert report[name]["trained"] is not frozen
+        assert all(p.requires_grad is not frozen for p in engine.named_parameters().values())
+        # one process, float32: a gradient, a master copy and two Adam moments per parameter; frozen: none
+        assert report[name]["grads_and_optimizer_mib"] == pytest.approx(0 if frozen else 4 * params * 4 / 2**20)
+    t.runtime.close()

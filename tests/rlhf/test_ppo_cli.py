@@ -14,7 +14,7 @@ from tests.rlhf.ppo_world import ROOT, make_world, metrics, ppo_command, ppo_con
 
 ROUNDS = {"rounds": 2, "ppo.iterations": 3, "fast_path.detectors.custom": ["tests.rlhf.ppo_world:parity_detector"],
           "fast_path.min_pairs": 2, "fast_path.rm_steps": 4, "fast_path.rm_pairs_per_step": 4,
-          "fast_path.rm_lr": 3.0e-3, "fast_path.detectors.window": 0.5}
+          "fast_path.rm_lr": 1.0e-3, "fast_path.detectors.window": 0.5}
 COMPARED = ("rm_score", "true_reward", "kl", "entropy", "response_length", "value_loss", "policy_loss", "ptx_loss",
             "clip_fraction", "actor_grad_norm", "critic_grad_norm")
 
