@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from internlm2.data import Tokenizer, train_tokenizer
 from internlm2.data.prepare import PrepareOptions, prepare
 from internlm2.model import InternLM2ForCausalLM, InternLM2ForScore, preset_config, save_pretrained
 from internlm2.rlhf.scorer import CONDITIONS_FILE
+from tests.train.tiny_run import with_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 CONDITIONS = {"brief": "Answer in as few words as you can.", "detailed": "Explain your answer step by step."}
@@ -80,18 +80,7 @@ def ppo_config(world: Path, run_dir: Path, **overrides) -> dict:
         "checkpoint": {"every": 1, "keep": 10, "export_hf": False},
         "logging": {"tensorboard": False, "progress": False},
     }
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return cfg
-
-
-def write_config(cfg: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return with_overrides(cfg, overrides)
 
 
 def ppo_command(config: Path, nproc: int = 1) -> list[str]:

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.rlhf.ppo_world import ROOT, make_world, metrics, ppo_command, ppo_config, responses, run_ppo, write_config
+from tests.rlhf.ppo_world import ROOT, make_world, metrics, ppo_command, ppo_config, responses, run_ppo
+from tests.train.tiny_run import write_config
 
 ROUNDS = {"rounds": 2, "ppo.iterations": 3, "fast_path.detectors.custom": ["tests.rlhf.ppo_world:parity_detector"],
           "fast_path.min_pairs": 2, "fast_path.rm_steps": 4, "fast_path.rm_pairs_per_step": 4,
@@ -50,6 +51,7 @@ def test_rounds_log_patterns_pairs_and_a_patched_reward_model(reference):
     assert sorted({r["iteration"] for r in responses(reference)}) == list(range(1, 7))
     m = metrics(reference)
     assert sorted(m) == list(range(1, 7)) and [m[i]["round"] for i in range(1, 7)] == [1, 1, 1, 2, 2, 2]
+    assert (reference / "ppo.png").stat().st_size > 0  # the curves, drawn at the end
 
 
 def _kill_after(proc: subprocess.Popen, run_dir, iteration: int, timeout: float = 300) -> None:
