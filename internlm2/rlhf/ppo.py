@@ -30,7 +30,8 @@ Rounds (`rounds: N`, `ppo.iterations` each) end, but for the last, with the fast
 detectors find reward-hacking patterns in the round's responses, each becomes preference pairs of early
 (pattern-free, chosen) and late (with the pattern, rejected) responses to the same prompts, the reward
 model is trained further on them with its data (reward_update.py), and the next round starts from the
-current actor and critic with the patched reward model. The round's responses are kept in
+current actor and critic with the patched reward model, whose scores are normalised by fresh running
+statistics. The round's responses are kept in
 `rounds/round_K/responses.jsonl`, its pairs in `patch_pairs.jsonl`, its findings in `rounds.jsonl`.
 
 Checkpoints hold the actor, the critic and the (possibly patched) reward model with both optimizers, the
@@ -440,6 +441,11 @@ class PPOTrainer:
                 (round_dir / PAIRS_FILE).write_text("".join(json.dumps(_plain(r)) + "\n" for r in records))
             self.runtime.barrier()
             entry["reward_model"] = self._patch_reward_model(round_index)
+            # The patched model scores on its own scale: normalising its scores by the old model's
+            # statistics would shift every reward (and advantage, against a critic fitted to the old scale)
+            # the same way, drowning the difference the patch made between responses.
+            self.moments = RunningMoments()
+            self.state.moments = self.moments.state_dict()
         if self.rank == 0:
             with open(self.run_dir / ROUNDS_FILE, "a") as f:
                 f.write(json.dumps(entry) + "\n")

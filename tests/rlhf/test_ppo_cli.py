@@ -52,6 +52,12 @@ def test_rounds_log_patterns_pairs_and_a_patched_reward_model(reference):
     m = metrics(reference)
     assert sorted(m) == list(range(1, 7)) and [m[i]["round"] for i in range(1, 7)] == [1, 1, 1, 2, 2, 2]
     assert (reference / "ppo.png").stat().st_size > 0  # the curves, drawn at the end
+    # rewards are normalised by running statistics of the clipped scores, started afresh for the patched model
+    scores = {i: [max(-5.0, min(5.0, r["score"])) for r in responses(reference) if r["iteration"] == i]
+              for i in range(1, 7)}
+    for step, seen in ((3, [1, 2, 3]), (4, [4]), (6, [4, 5, 6])):
+        values = [x for i in seen for x in scores[i]]
+        assert m[step]["score_mean"] == pytest.approx(sum(values) / len(values), rel=1e-6), step
 
 
 def _kill_after(proc: subprocess.Popen, run_dir, iteration: int, timeout: float = 300) -> None:
