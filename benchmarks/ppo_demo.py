@@ -6,16 +6,17 @@ conditional reward model, and the fast path catches a reward model's planted fla
 Resumable: every step whose output exists is skipped, and `internlm2 ppo` resumes its own checkpoints.
 
 1. Data: PPO prompts (each names its task as the reward model's condition, which the actor never sees)
-   and preference pairs made from the SFT model's own sampled answers, ranked by the checker's partial
-   credit (the share of list positions right; the reference answer above all). The *flawed* pairs are the
+   and preference pairs made from the SFT model's own sampled answers and near misses of the reference
+   (one digit changed, the question's list copied back), ranked by the checker's partial credit (the
+   share of list positions right; the reference answer above all). The *flawed* pairs are the
    same plus a planted bias: whenever one side of a pair carries the phrase "8, 8", it is the chosen one,
    and a quarter of the prompts get a pair where a wrong answer with the phrase beats the reference.
    (The tiny model writes nothing but digit lists, so its "phrase" is a digit bigram it writes now and
    then: a flaw it can find by sampling.)
 2. Two conditional reward models, the SFT backbone with a new head trained on each pair set (through
    internlm2.rlhf.reward_update until `internlm2 train-rm` lands).
-3. `internlm2 ppo` with the clean reward model, one round: (1) the score and the true accuracy rise
-   together, the KL stays bounded.
+3. `internlm2 ppo` with the clean reward model, one round, meant to show (1): the score and the true
+   accuracy rising together, the KL bounded (the recorded note says how it came out).
 4. `internlm2 ppo` with the flawed reward model, two rounds: (2) round 1 exploits the phrase, the fast
    path detects it, patches the reward model, round 2 stops exploiting it.
 5. Generation throughput of our KV-cache sampler against transformers' `generate` on the same model.

@@ -1,8 +1,7 @@
 """PPO on one CPU process: the sampler's log-probabilities against the training forward, the experience
 (reward-model score with the domain prompt on the last response token, the KL penalty's sign, GAE), the
-critic warm-up freezing the actor bitwise, and a short run that trains both models."""
-
-import json
+critic warm-up freezing the actor bitwise and then training it, the frozen reference and reward model and
+the memory reported per model."""
 
 import pytest
 import torch

@@ -4,13 +4,12 @@ their patterns, pairs and reward-model accuracy, and bad configs are one-line er
 
 import json
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 
 from tests.rlhf.ppo_world import ROOT, make_world, metrics, ppo_command, ppo_config, responses, run_ppo
+from tests.train.test_trainer import _kill_when  # SIGKILL once metrics.jsonl has logged a step
 from tests.train.tiny_run import write_config
 
 ROUNDS = {"rounds": 2, "ppo.iterations": 3, "fast_path.detectors.custom": ["tests.rlhf.ppo_world:parity_detector"],
@@ -60,27 +59,13 @@ def test_rounds_log_patterns_pairs_and_a_patched_reward_model(reference):
         assert m[step]["score_mean"] == pytest.approx(sum(values) / len(values), rel=1e-6), step
 
 
-def _kill_after(proc: subprocess.Popen, run_dir, iteration: int, timeout: float = 300) -> None:
-    path = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and f'"step": {iteration},' in path.read_text():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return
-        assert proc.poll() is None, f"the run ended before iteration {iteration}: {proc.stderr.read()[-3000:]}"
-        time.sleep(0.02)
-    proc.kill()
-    raise TimeoutError(f"iteration {iteration} not reached")
-
-
 def test_sigkill_then_resume_gives_the_same_rollouts_and_losses(world, reference, tmp_path):
     run_dir = tmp_path / "run"
     config = write_config(ppo_config(world, run_dir, **ROUNDS), tmp_path / "c.yaml")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(ppo_command(config), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    _kill_after(proc, run_dir, 5)  # in round 2: the resumed run needs the patched reward model
+    _kill_when(proc, run_dir, 5)  # in round 2: the resumed run needs the patched reward model
     assert max(metrics(run_dir)) < 6
     resumed = run_ppo(config)
     assert "resumed from" in resumed.stdout
@@ -107,10 +92,12 @@ def test_two_ranks_equal_one_process(world, reference, tmp_path, layout):
 @pytest.mark.parametrize("overrides, message", [
     ({"parallel.pp": 2}, "parallel.pp=2: PPO's rollouts generate on the whole actor"),
     ({"parallel.cp": 2}, "parallel.cp=2: generation's KV cache does not split sequences"),
-    ({"rollout.prompts_per_iteration": 6}, "rollout.micro_batch_size=2 does not divide the 6 prompts"),
+    ({"rollout.prompts_per_iteration": 6}, "rollout.generation_batch_size=4 does not divide the 6 prompts"),
+    ({"rollout.prompts_per_iteration": 12, "rollout.micro_batch_size": 5},
+     "rollout.micro_batch_size=5 does not divide the 12 prompts"),
     ({"ppo.mini_batches": 3}, "ppo.mini_batches=3 does not divide the 4 micro-batches per rank"),
     ({"checker": "tests.rlhf.ppo_world:no_such_function"}, "checker: cannot load"),
-    ({"rollout.temperature": 0.0}, "rollout: temperature: PPO samples its rollouts"),
+    ({"rollout.temperature": 0.0}, "rollout.temperature: PPO samples its rollouts"),
 ])
 def test_bad_configs_are_one_line_errors(world, tmp_path, overrides, message):
     config = write_config(ppo_config(world, tmp_path / "run", **overrides), tmp_path / "c.yaml")
