@@ -208,11 +208,6 @@ class PPOTrainer:
             logger.close()
         return self.state
 
-    def _critic_rewarming(self) -> bool:
-        """In a round after a fast path, its first `fast_path.critic_warmup` iterations."""
-        into_round = self.state.iteration % self.cfg.ppo.iterations
-        return self.state.iteration >= self.cfg.ppo.iterations and into_round < self.cfg.fast_path.critic_warmup
-
     def _fast_path_due(self) -> bool:
         done_rounds = self.state.iteration // self.cfg.ppo.iterations
         return self.state.iteration % self.cfg.ppo.iterations == 0 and 0 < done_rounds and \
@@ -346,7 +341,7 @@ class PPOTrainer:
         self._record_responses(rollouts, scores, true)
         experience_s = time.perf_counter() - start - generation_s
         train_start = time.perf_counter()
-        actor_trains = self.state.iteration >= cfg.ppo.critic_warmup and not self._critic_rewarming()
+        actor_trains = self.state.iteration >= cfg.ppo.critic_warmup
         for engine, o in ((self.actor, cfg.actor_optim), (self.critic, cfg.critic_optim)):
             total = cfg.total_iterations
             engine.set_lr(WarmupCosine(o.lr, o.warmup_steps, total, o.min_lr_ratio)(self.state.iteration))

@@ -118,16 +118,12 @@ class FastPathConfig:
     rm_pairs_per_step: int = 16
     rm_lr: float = 1.0e-5
     rm_max_length: int = 1024
-    # critic-only iterations at the start of every round after the first: the critic's values were fitted
-    # to the reward model before its patch, and advantages against them would push the actor off its
-    # course until the critic caught up
-    critic_warmup: int = 0
 
     def validate(self):
         if not 1 <= self.min_pairs <= self.max_pairs:
             raise ConfigError(f"need 1 <= min_pairs <= max_pairs, got {self.min_pairs}, {self.max_pairs}")
-        if self.rm_steps < 1 or self.rm_pairs_per_step < 1 or self.rm_lr <= 0 or self.critic_warmup < 0:
-            raise ConfigError("rm_steps and rm_pairs_per_step must be >= 1, rm_lr > 0 and critic_warmup >= 0")
+        if self.rm_steps < 1 or self.rm_pairs_per_step < 1 or self.rm_lr <= 0:
+            raise ConfigError("rm_steps and rm_pairs_per_step must be >= 1 and rm_lr > 0")
 
 
 @dataclass

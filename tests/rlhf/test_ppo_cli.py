@@ -14,7 +14,7 @@ from tests.train.tiny_run import write_config
 
 ROUNDS = {"rounds": 2, "ppo.iterations": 3, "fast_path.detectors.custom": ["tests.rlhf.ppo_world:parity_detector"],
           "fast_path.min_pairs": 2, "fast_path.rm_steps": 4, "fast_path.rm_pairs_per_step": 4,
-          "fast_path.rm_lr": 1.0e-3, "fast_path.detectors.window": 0.5, "fast_path.critic_warmup": 1}
+          "fast_path.rm_lr": 1.0e-3, "fast_path.detectors.window": 0.5}
 COMPARED = ("rm_score", "true_reward", "kl", "entropy", "response_length", "value_loss", "policy_loss", "ptx_loss",
             "clip_fraction", "actor_grad_norm", "critic_grad_norm")
 
@@ -51,9 +51,6 @@ def test_rounds_log_patterns_pairs_and_a_patched_reward_model(reference):
     m = metrics(reference)
     assert sorted(m) == list(range(1, 7)) and [m[i]["round"] for i in range(1, 7)] == [1, 1, 1, 2, 2, 2]
     assert (reference / "ppo.png").stat().st_size > 0  # the curves, drawn at the end
-    # critic-only: the run's first iteration (ppo.critic_warmup) and the patched round's (fast_path.critic_warmup)
-    assert [m[i]["actor_trains"] for i in range(1, 7)] == [False, True, True, False, True, True]
-    assert "policy_loss" not in m[4] and "policy_loss" in m[5]
     # rewards are normalised by running statistics of the clipped scores, started afresh for the patched model
     scores = {i: [max(-5.0, min(5.0, r["score"])) for r in responses(reference) if r["iteration"] == i]
               for i in range(1, 7)}
