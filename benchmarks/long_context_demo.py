@@ -1,7 +1,8 @@
 """What the long-context curriculum buys, on the tiny model on CPU: passkey retrieval out to 4x the longest
 trained length for (a) the short stage only, (b) the long stage without raising the RoPE base, (c) the
 long stage with the raised base (the tiny default's curriculum), (d) (c) plus dynamic NTK at inference;
-and `eval needle` and `eval perplexity` on the tiny default's export. Every step is an `internlm2` command (printed as it runs)
+the held-out loss by position out to 2x the longest trained length for (a)-(d); and `eval needle` and
+`eval perplexity` on the tiny default's export. Every step is an `internlm2` command (printed as it runs)
 and is skipped when its output exists, so an interrupted demo resumes.
 
     python -m benchmarks.long_context_demo [--repeats 2]
@@ -30,6 +31,9 @@ LONGER = ["--set", "stages.1.steps=560"]
 RETRIEVAL_END = RUN / "checkpoints" / "step_00000880"  # the end of the 256-token stages (320 + 560 steps)
 LENGTHS = "256,512,1024,2048,4096"  # 4 x the long stage's 1024
 DEPTHS = "0,25,50,75,100"
+TRAINED = 1024  # the longest trained length
+PERPLEXITY = ["--data", RUNS / "tiny/data/eval", "--seq-len", 2 * TRAINED, "--buckets", 8]
+PERPLEXITY_VARIANTS = ("a", "b", "c", "d")
 VARIANTS = {  # name: (HF checkpoint, --ntk, what it is)
     "a": (RUN / "hf-short", "off", "256-token stages only (base 10k)"),
     "b": (RUNS / "tiny-passkey-560-base10k" / "hf", "off", "+ long stage (1024 tokens), base kept at 10k"),
@@ -75,18 +79,33 @@ def main() -> None:
     for name, (model, ntk, _) in VARIANTS.items():
         seconds[f"({name}) passkey grid"] = _internlm2("eval", "passkey", "--model", model, "--ntk", ntk, *grid,
                                                        "--out", out / name, output=out / name / "passkey.json")
+    for name in PERPLEXITY_VARIANTS:
+        model, ntk, _ = VARIANTS[name]
+        seconds[f"({name}) perplexity"] = _internlm2(
+            "eval", "perplexity", "--model", model, "--ntk", ntk, *PERPLEXITY, "--out", out / f"ppl-{name}",
+            output=out / f"ppl-{name}" / "perplexity.json")
     seconds["needle grid"] = _internlm2("eval", "needle", "--model", RUNS / "tiny" / "hf", *grid, "--out",
                                         out / "needle", output=out / "needle" / "needle.json")
-    seconds["perplexity"] = _internlm2("eval", "perplexity", "--model", RUNS / "tiny" / "hf", "--data",
-                                       RUNS / "tiny/data/eval", "--seq-len", 2048, "--buckets", 8, "--out",
+    seconds["perplexity"] = _internlm2("eval", "perplexity", "--model", RUNS / "tiny" / "hf", *PERPLEXITY, "--out",
                                        out / "perplexity", output=out / "perplexity" / "perplexity.json")
     _write(out, seconds, args.repeats)
+
+
+def _losses_before_and_after(path: Path, trained: int) -> tuple:
+    """Mean held-out loss of the position buckets inside and past the trained length ("" if not measured)."""
+    if not path.is_file():
+        return "", ""
+    buckets = json.loads(path.read_text())["buckets"]
+    inside = [b["mean_loss"] for b in buckets if b["end"] <= trained]
+    past = [b["mean_loss"] for b in buckets if b["start"] >= trained]
+    return round(sum(inside) / len(inside), 3), round(sum(past) / len(past), 3)
 
 
 def _write(out: Path, seconds: dict, repeats: int) -> None:
     lengths = [int(n) for n in LENGTHS.split(",")]
     report = Report("long_context_demo", ["variant", *[f"{n} tokens" for n in lengths], "mean exact",
-                                          "mean partial"])
+                                          "mean partial", f"held-out loss, positions < {TRAINED}",
+                                          f"held-out loss, positions {TRAINED}-{2 * TRAINED - 1}"])
     report.notes += [
         f"passkey grid: lengths {LENGTHS}, depths {DEPTHS} %, {repeats} prompts per cell; greedy decoding; "
         "cells scored by exact match of the 5-digit key (partial: digits right in place)",
@@ -100,8 +119,9 @@ def _write(out: Path, seconds: dict, repeats: int) -> None:
     tag = machine_tag()
     for name, (model, ntk, what) in VARIANTS.items():
         summary = json.loads((out / name / "passkey.json").read_text())["summary"]
+        losses = _losses_before_and_after(out / f"ppl-{name}" / "perplexity.json", TRAINED)
         report.add(f"({name}) {what}", *[round(summary["exact_by_length"][str(n)], 2) for n in lengths],
-                   round(summary["exact_mean"], 3), round(summary["partial_mean"], 3))
+                   round(summary["exact_mean"], 3), round(summary["partial_mean"], 3), *losses)
         shutil.copy(out / name / "passkey.png", RESULTS_DIR / f"long_context_demo_{name}-{tag}.png")
     needle = json.loads((out / "needle" / "needle.json").read_text())["summary"]
     report.notes.append(

@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from torch.distributed.run import get_args_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-SBATCH = ROOT / "scripts" / "slurm" / "pretrain.sbatch"
+SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
 LAUNCH = ROOT / "scripts" / "launch_torchrun.sh"
 PRETRAIN_ARGS = ["--config", "configs/tiny.yaml", "--set", "optim.lr=1e-4", "--set", "run.name=two words"]
 
@@ -93,11 +92,12 @@ def test_sbatch_keeps_the_users_timeout_port_and_process_count(fakes, tmp_path):
     env = _slurm_env(2, INTERNLM2_PG_TIMEOUT_S="42", INTERNLM2_MASTER_PORT="31000")
     del env["SLURM_GPUS_ON_NODE"]
     env["SLURM_GPUS_PER_NODE"] = "h100:4"
-    proc, calls = _run(SBATCH, PRETRAIN_ARGS, fakes, tmp_path, **env)
+    proc, calls = _run(SBATCH, ["pretrain", *PRETRAIN_ARGS], fakes, tmp_path, **env)
     assert proc.returncode == 0, proc.stderr
     call = next(c for c in calls if c["tool"] == "torchrun")
     args = _torchrun_args(call)
     assert args.nproc_per_node == "4" and args.rdzv_endpoint == "10.0.0.1:31000"
+    assert args.training_script_args == ["pretrain", *PRETRAIN_ARGS]
     assert call["env"]["INTERNLM2_PG_TIMEOUT_S"] == "42" and call["env"]["PYTHONFAULTHANDLER"] == "1"
     assert next(c for c in calls if c["tool"] == "srun")["env"]["SRUN_CPUS_PER_TASK"] == "96"
 
@@ -112,10 +112,18 @@ def test_sbatch_keeps_the_users_timeout_port_and_process_count(fakes, tmp_path):
     ],
 )
 def test_sbatch_stops_before_launching_on_a_bad_allocation(fakes, tmp_path, change, message):
-    proc, calls = _run(SBATCH, PRETRAIN_ARGS, fakes, tmp_path, **{**_slurm_env(2), **change})
+    proc, calls = _run(SBATCH, ["pretrain", *PRETRAIN_ARGS], fakes, tmp_path, **{**_slurm_env(2), **change})
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not [c for c in calls if c["tool"] in ("srun", "torchrun")]
+
+
+@pytest.mark.parametrize("args, got", [([], ""), (["export", "--config", "c.yaml"], "export"),
+                                       (["--config", "c.yaml"], "--config")], ids=["none", "not-a-stage", "no-command"])
+def test_sbatch_needs_a_training_command_first(fakes, tmp_path, args, got):
+    proc, calls = _run(SBATCH, args, fakes, tmp_path, **_slurm_env(2))
+    assert proc.returncode != 0 and not [c for c in calls if c["tool"] in ("srun", "torchrun")]
+    assert f"the first argument must be the training command (pretrain sft train-rm ppo), got '{got}'" in proc.stderr
 
 
 def test_sbatch_without_scontrol_fails_instead_of_guessing(tmp_path):
@@ -123,7 +131,7 @@ def test_sbatch_without_scontrol_fails_instead_of_guessing(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "bash").symlink_to("/bin/bash")
     env = {"PATH": str(bin_dir), **_slurm_env(2)}
-    proc = subprocess.run(["/bin/bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["/bin/bash", str(SBATCH), "pretrain"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "scontrol not found" in proc.stderr
 
 

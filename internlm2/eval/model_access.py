@@ -75,10 +75,9 @@ class Checkpoint:
 
     def load(self):
         """The model, in eval mode, computing with the (possibly overridden) config."""
-        from internlm2.model.model import InternLM2ForCausalLM
+        from internlm2.model.pretrained import load_pretrained
 
-        model = InternLM2ForCausalLM.from_pretrained(self.directory, kernels=self.config.kernels, dtype=self.dtype,
-                                                     device=self.device).eval()
+        model = load_pretrained(self.directory, kernels=self.config.kernels, dtype=self.dtype, device=self.device).eval()
         model.config = self.config  # the RoPE scaling chosen with --ntk (read at every forward)
         return model
 

@@ -8,7 +8,7 @@ bad `--set model.x=...` fails at load, before anything is built.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from internlm2.errors import ConfigError

@@ -1,4 +1,4 @@
-"""What the launchers (`scripts/launch_torchrun.sh`, `scripts/slurm/pretrain.sbatch`) hand the trainer
+"""What the launchers (`scripts/launch_torchrun.sh`, `scripts/slurm/train.sbatch`) hand the trainer
 through the environment, read and checked in one place.
 
 INTERNLM2_PG_TIMEOUT_S: seconds a collective may wait before the process group fails it (the timeout given

@@ -9,7 +9,7 @@ the same command again resumes from that checkpoint.
 
 Which signals: INTERNLM2_STOP_SIGNALS (default SIGTERM,SIGUSR1). Where INTERNLM2_STOPPED_FILE is set (the
 slurm script sets it), rank 0 writes "<signal> <step>" there, from which the script decides whether to
-requeue the job (see scripts/slurm/pretrain.sbatch).
+requeue the job (see scripts/slurm/train.sbatch).
 
 The trainer's hook, in its step loop after the optimizer step (a few lines; see Trainer._run_stage):
 

@@ -13,12 +13,9 @@ import torch
 
 from internlm2.config import load_config
 from internlm2.train.config import TrainConfig
+from internlm2.train.stage_run import add_arguments, export_and_plot, run_stage
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="the run's YAML config (e.g. configs/tiny.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value by its dotted key, e.g. --set optim.lr=1e-4 (repeatable)")
+__all__ = ["add_arguments", "run"]
 
 
 def finish(trainer) -> None:
@@ -28,17 +25,11 @@ def finish(trainer) -> None:
     from internlm2.model.generation import SamplingParams, generate
     from internlm2.model.pretrained import load_pretrained
     from internlm2.train.data_setup import unigram_entropy
-    from internlm2.train.export import export_hf
     from internlm2.train.metrics_log import read_metrics
-    from internlm2.train.plot import draw
 
     cfg, run_dir = trainer.cfg, trainer.run_dir
-    final = trainer.checkpoints.latest()
-    hf_dir = run_dir / "hf"
-    if cfg.checkpoint.export_hf and final is not None:
-        export_hf(final, hf_dir, tokenizer_directory=trainer.data.tokenizer, dtype=torch.float32, overwrite=True)
-        print(f"exported {final.name} to {hf_dir}")
-    if cfg.sample is not None and (hf_dir / "config.json").is_file():
+    hf_dir = export_and_plot(trainer)
+    if cfg.sample is not None and hf_dir is not None:
         model = load_pretrained(hf_dir)
         tokenizer = Tokenizer.load(trainer.data.tokenizer)
         prompt = tokenizer.encode(cfg.sample.prompt, bos=True)
@@ -49,8 +40,6 @@ def finish(trainer) -> None:
         (run_dir / "sample.txt").write_text(text + "\n")
         print(f"sample (temperature {s.temperature}, top-p {s.top_p}):\n{text}")
     records = read_metrics(run_dir / "metrics.jsonl")
-    draw(records, run_dir / "metrics.png", title=run_dir.resolve().name)
-    print(f"plots: {run_dir / 'metrics.png'}")
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     if evals and trainer.data.train:
         baseline = unigram_entropy(trainer.data.train[0].path)
@@ -59,19 +48,6 @@ def finish(trainer) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from internlm2.train.preemption import StoppedEarly
     from internlm2.train.trainer import Trainer
 
-    cfg = load_config(TrainConfig, args.config, args.set)
-    trainer = Trainer(cfg)
-    try:
-        trainer.run()
-    except StoppedEarly as stop:  # a scheduler or a user asked; the checkpoint is saved: no export yet
-        trainer.runtime.close()
-        if trainer.rank == 0:
-            print(f"internlm2 pretrain: {stop}", flush=True)
-        return 0
-    trainer.runtime.close()
-    if trainer.rank == 0:
-        finish(trainer)
-    return 0
+    return run_stage(Trainer(load_config(TrainConfig, args.config, args.set)), "pretrain", finish)

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from internlm2.train.pretrain_command import add_arguments  # the same options: --config, --set
+from internlm2.train.stage_run import add_arguments, export_and_plot, run_stage
 
 __all__ = ["add_arguments", "run"]
 
@@ -65,21 +65,7 @@ def evaluate_tasks(trainer) -> dict:
 
 def finish(trainer) -> None:
     """Rank 0, after the process group is gone: HF export of the final checkpoint, plots, task scores."""
-    import torch
-
-    from internlm2.train.export import export_hf
-    from internlm2.train.metrics_log import read_metrics
-    from internlm2.train.plot import draw
-
-    cfg, run_dir = trainer.cfg, trainer.run_dir
-    final = trainer.checkpoints.latest()
-    if cfg.checkpoint.export_hf and final is not None:
-        export_hf(final, run_dir / "hf", tokenizer_directory=trainer.data.tokenizer, dtype=torch.float32,
-                  overwrite=True)
-        print(f"exported {final.name} to {run_dir / 'hf'}")
-    draw(read_metrics(run_dir / "metrics.jsonl"), run_dir / "metrics.png", title=run_dir.resolve().name)
-    print(f"plots: {run_dir / 'metrics.png'}")
-    if cfg.task_eval is not None and (run_dir / "hf" / "config.json").is_file():
+    if export_and_plot(trainer) is not None and trainer.cfg.task_eval is not None:
         evaluate_tasks(trainer)
 
 
@@ -91,8 +77,4 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(SFTConfig, args.config, args.set)
     first_rank = int(os.environ.get("RANK", "0")) == 0
     trainer = Trainer(cfg, SFTTask(cfg.sft, report=(lambda line: print(line, flush=True)) if first_rank else None))
-    trainer.run()
-    trainer.runtime.close()
-    if trainer.rank == 0:
-        finish(trainer)
-    return 0
+    return run_stage(trainer, "sft", finish)

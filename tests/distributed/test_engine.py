@@ -110,15 +110,7 @@ def _accumulated_case(config: ParallelConfig):
     parallel = (ParallelState.single() if config.world_size == 1 else
                 worker_state(config, num_layers=shape.num_layers, num_attention_heads=shape.num_attention_heads,
                              num_kv_heads=shape.num_key_value_heads, vocab_size=shape.vocab_size))
-    full = initial_weights(shape)
-
-    def load(chunks):
-        for chunk in chunks:
-            names = {n for n, _ in chunk.named_parameters()}
-            load_full_state_dict(chunk, {k: v for k, v in full.items() if k in names}, parallel)
-
-    engine = Engine.build(InternLM2ForCausalLM, shape, parallel, dtype=torch.float32, device=torch.device("cpu"),
-                          seed=0, optim=dict(lr=1e-3), weights=load)
+    engine = engine_with_initial_weights(parallel)
     mbs = [with_sequence_weights(mb) for mb in microbatches(0, shape.vocab_size)]
     per_rank = len(mbs) // parallel.dp_size
     mine = mbs[parallel.dp_rank * per_rank:(parallel.dp_rank + 1) * per_rank]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from internlm2.model import save_pretrained
 from tests.data.conftest import small_tokenizer  # noqa: F401  (a fixture, shared)
 from tests.test_model_support import random_model, tiny_config
 
@@ -14,5 +15,5 @@ def tiny_checkpoint(small_tokenizer, tmp_path_factory) -> Path:  # noqa: F811
     model = random_model(tiny_config(vocab_size=small_tokenizer.vocab_size, max_position_embeddings=128,
                                      rope_scaling_factor=None))
     directory = tmp_path_factory.mktemp("ckpt") / "tiny"
-    model.save_pretrained(directory, tokenizer_directory=Path(small_tokenizer.source).parent)
+    save_pretrained(model, directory, tokenizer_directory=Path(small_tokenizer.source).parent)
     return directory

@@ -17,7 +17,7 @@ from internlm2.data.prepared import PreparedDataset
 from internlm2.eval import needle, passkey
 from internlm2.eval.perplexity import bucket_edges
 from internlm2.eval.retrieval import Cell, cell_key
-from internlm2.model import InternLM2ForCausalLM, SamplingParams, generate
+from internlm2.model import SamplingParams, generate, load_pretrained
 
 
 def _eval(*argv) -> int:
@@ -43,7 +43,7 @@ def test_retrieval_cli_writes_json_and_heatmap_and_answers_as_generate_does(task
     module.add_arguments(parser)
     args = parser.parse_args(["--model", str(tiny_checkpoint), "--lengths", "160,240", "--repeats", "2"])
     made = module.make_task(args, small_tokenizer)
-    model = InternLM2ForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    model = load_pretrained(tiny_checkpoint).eval()
     for cell in (cells[0], cells[-1]):
         c = Cell(cell["length"], cell["depth"], cell["repeat"])
         key = cell_key(made, c, 0)
@@ -68,7 +68,7 @@ def test_perplexity_cli_buckets_equal_the_loss_from_full_logits(tiny_checkpoint,
     result = json.loads((out / "perplexity.json").read_text())
     assert (out / "perplexity.png").is_file() and result["settings"]["docs"] == 3
     # oracle: each document alone through the model, full logits, plain cross-entropy
-    model = InternLM2ForCausalLM.from_pretrained(tiny_checkpoint, kernels="reference").eval()
+    model = load_pretrained(tiny_checkpoint, kernels="reference").eval()
     data = PreparedDataset(data_dir)
     losses = []
     with torch.no_grad():

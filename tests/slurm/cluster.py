@@ -9,7 +9,7 @@ A batch script sees what it would on a real cluster: `scontrol show hostnames` l
 `getent` resolves them, here to a loopback address.
 
     with LocalSlurmCluster(tmp_dir, nodes=2) as cluster:
-        job = cluster.submit("scripts/slurm/pretrain.sbatch", ["--config", "c.yaml"], nodes=2)
+        job = cluster.submit("scripts/slurm/train.sbatch", ["pretrain", "--config", "c.yaml"], nodes=2)
         result = job.wait(timeout=300)
         assert result.state == "COMPLETED", result.output
 

@@ -47,6 +47,17 @@ def test_sft_tiny_fine_tunes_the_tiny_default_with_pretraining_text_mixed_in():
                                          "global_batch_size: 1}]", "data.tasks={}"]).optim.lr == 4e-5
 
 
+def test_internlm2_7b_sft_has_the_reports_recipe():
+    cfg = load_config(SFTConfig, CONFIGS / "internlm2-7b-sft.yaml")
+    pretrain = load_config(TrainConfig, CONFIGS / "internlm2-7b-pretrain.yaml")
+    assert cfg.init_from == f"{pretrain.run_dir}/hf" and cfg.optim.lr == 4e-5 and len(cfg.stages) == 1
+    (stage,) = cfg.stages
+    assert (stage.seq_len, stage.rope_theta) == (pretrain.stages[-1].seq_len, pretrain.stages[-1].rope_theta)
+    assert stage.seq_len * stage.global_batch_size == 4 * 2**20
+    assert 0.5 * 10e9 < stage.steps * 4 * 2**20 < 2 * 10e9  # one epoch of ~10M conversations of ~1k tokens
+    assert len(cfg.data.train) == 2 and cfg.sft.train_on == "all"
+
+
 @pytest.mark.parametrize("override, message", [
     ("stages.0.seq_len=0", r"stages\.0\.seq_len: must be >= 1"),
     ("model.hidden_sise=8", r"model: unknown model config key"),

@@ -1,10 +1,10 @@
-"""`scripts/slurm/pretrain.sbatch` through a real slurm (sbatch -> srun -> torchrun -> gloo) on a local
-2-node cluster: a 2-node job trains like one process; a job near its time limit saves, requeues itself and
-resumes bit for bit; a node whose process dies ends the job with the cause in its output; the script's
-checks stop a bad allocation before anything starts.
+"""`scripts/slurm/train.sbatch` through a real slurm (sbatch -> srun -> torchrun -> gloo) on a local
+2-node cluster: a 2-node pretraining job and a 2-node SFT job train like one process; a job near its time
+limit saves, requeues itself and resumes bit for bit; a node whose process dies ends the job with the cause
+in its output; the script's checks stop a bad allocation before anything starts.
 
-Another command's script gets its test the same way: `submit(cluster, "sft.sbatch", config, nodes=2)`,
-then `job.wait(...)` and its own check of the run directory.
+Another training command gets its test the same way: `submit(cluster, "train-rm", config, nodes=2)`, then
+`job.wait(...)` and its own check of the run directory.
 """
 
 import os
@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.slurm.cluster import Job, LocalSlurmCluster
+from tests.train.test_sft import sft_cli, sft_config
 from tests.train.tiny_run import ROOT, losses, make_data, run_pretrain, tiny_config, write_config
 
-SCRIPTS = ROOT / "scripts" / "slurm"
+SCRIPT = ROOT / "scripts" / "slurm" / "train.sbatch"
 # Every training job here: one CPU (gloo) process per node, the documented opt-in to a loopback rendezvous
 # (all nodes are this host), and a process-group timeout that ends a broken job within a minute.
 PG_TIMEOUT_S = 60
@@ -29,9 +30,9 @@ TWO_RANKS = {"parallel": {"dp": 2}, "checkpoint.every": 1000}
 JOB_TIMEOUT_S = 600
 
 
-def submit(cluster: LocalSlurmCluster, script: str, config: Path, nodes: int, *, options=(), env=None) -> Job:
-    """sbatch SCRIPT --config CONFIG on `nodes` nodes, submitted from the config's directory."""
-    return cluster.submit(SCRIPTS / script, ["--config", str(config)], nodes=nodes,
+def submit(cluster: LocalSlurmCluster, command: str, config: Path, nodes: int, *, options=(), env=None) -> Job:
+    """sbatch train.sbatch COMMAND --config CONFIG on `nodes` nodes, submitted from the config's directory."""
+    return cluster.submit(SCRIPT, [command, "--config", str(config)], nodes=nodes,
                           options=["--gpus-per-node=0", *options], env={**JOB_ENV, **(env or {})},
                           cwd=config.parent)
 
@@ -49,7 +50,7 @@ def _config(data_dir: Path, directory: Path, **overrides) -> Path:
 def test_two_node_job_trains_like_one_process(slurm_cluster, data_dir, tmp_path):
     # A space in the path: the arguments reach every node's pretrain intact.
     config = _config(data_dir, tmp_path / "two nodes", **TWO_RANKS)
-    job = submit(slurm_cluster, "pretrain.sbatch", config, nodes=2)
+    job = submit(slurm_cluster, "pretrain", config, nodes=2)
     single = _config(data_dir, tmp_path / "single")
     run_pretrain(single)  # meanwhile, the same config on one process
     result = job.wait(JOB_TIMEOUT_S)
@@ -60,6 +61,27 @@ def test_two_node_job_trains_like_one_process(slurm_cluster, data_dir, tmp_path)
     expected, got = losses(single.parent / "run"), losses(config.parent / "run")
     assert sorted(got) == sorted(expected) == list(range(1, 11))
     for step in expected:  # the bound of the layout tests
+        assert abs(got[step] - expected[step]) <= 1e-5, (step, got[step], expected[step])
+
+
+def test_two_node_sft_job_trains_like_one_process(slurm_cluster, data_dir, tmp_path):
+    pretrained = tmp_path / "pretrained" / "run"
+    run_pretrain(_config(data_dir, pretrained.parent, **{"stages.0.steps": 2, "stages.1.steps": 1,
+                                                         "checkpoint.export_hf": True}))
+    configs = {}
+    for name, layout in (("two nodes", TWO_RANKS), ("single", {})):
+        (tmp_path / name).mkdir()
+        cfg = sft_config(data_dir, tmp_path / name / "run", pretrained / "hf", **{"stages.0.steps": 4, "eval.rows": 4},
+                         **layout)
+        configs[name] = write_config(cfg, tmp_path / name / "config.yaml")
+    job = submit(slurm_cluster, "sft", configs["two nodes"], nodes=2)
+    assert sft_cli(configs["single"]).returncode == 0  # meanwhile, on one process
+    result = job.wait(JOB_TIMEOUT_S)
+    assert result.state == "COMPLETED", result.output[-5000:]
+    assert "==== internlm2 sft: launch environment ====" in result.output
+    expected, got = losses(tmp_path / "single" / "run"), losses(tmp_path / "two nodes" / "run")
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
+    for step in expected:
         assert abs(got[step] - expected[step]) <= 1e-5, (step, got[step], expected[step])
 
 
@@ -98,7 +120,7 @@ def test_job_near_its_time_limit_saves_requeues_and_resumes_bit_for_bit(slurm_cl
     config = _config(data_dir, tmp_path / "requeued", **TWO_RANKS, **LONG)
     run_dir = config.parent / "run"
     # SIGUSR1 when 5 minutes are left: not before the test shortens the limit, once training is under way.
-    job = submit(slurm_cluster, "pretrain.sbatch", config, nodes=2, options=["--time=30", "--signal=USR1@300"])
+    job = submit(slurm_cluster, "pretrain", config, nodes=2, options=["--time=30", "--signal=USR1@300"])
     with ThreadPoolExecutor(1) as pool:  # meanwhile, the same run on this host, uninterrupted
         uninterrupted = pool.submit(run_pretrain, reference, nproc=2)
         _shorten_the_time_limit_then_let_it_run(slurm_cluster, job, run_dir)
@@ -132,7 +154,7 @@ def _job_process(job_id: str, rank: int) -> tuple[int, dict]:
 
 def test_a_node_whose_process_dies_ends_the_job_with_the_cause(slurm_cluster, data_dir, tmp_path):
     config = _config(data_dir, tmp_path / "dies", **TWO_RANKS, **LONG)
-    job = submit(slurm_cluster, "pretrain.sbatch", config, nodes=2)
+    job = submit(slurm_cluster, "pretrain", config, nodes=2)
     job.wait_until(lambda j: _logged_step(config.parent / "run", 3), JOB_TIMEOUT_S, "at step 3")
     pid, env = _job_process(job.id, rank=1)
     os.kill(pid, signal.SIGKILL)
@@ -155,15 +177,15 @@ def test_a_node_whose_process_dies_ends_the_job_with_the_cause(slurm_cluster, da
 )
 def test_the_script_stops_a_bad_launch_before_anything_starts(slurm_cluster, data_dir, tmp_path, nodes, env, message):
     config = _config(data_dir, tmp_path / "bad", **TWO_RANKS)
-    result = submit(slurm_cluster, "pretrain.sbatch", config, nodes=nodes, env=env).wait(120)
-    assert result.state == "FAILED" and "pretrain.sbatch: error: " in result.output and message in result.output, \
+    result = submit(slurm_cluster, "pretrain", config, nodes=nodes, env=env).wait(120)
+    assert result.state == "FAILED" and "train.sbatch: error: " in result.output and message in result.output, \
         result.output
     assert "launch environment" not in result.output and not (config.parent / "run").exists()
 
 
 def test_a_one_node_job_may_meet_on_loopback_without_the_opt_in(slurm_cluster, data_dir, tmp_path):
     config = _config(data_dir, tmp_path / "one node", **{"stages.0.steps": 2, "stages.1.steps": 1})
-    result = submit(slurm_cluster, "pretrain.sbatch", config, nodes=1,
+    result = submit(slurm_cluster, "pretrain", config, nodes=1,
                     env={"INTERNLM2_SINGLE_HOST_CLUSTER": None, "INTERNLM2_PG_TIMEOUT_S": None}).wait(JOB_TIMEOUT_S)
     assert result.state == "COMPLETED", result.output[-5000:]
     assert "master         node1 -> 127.0.0.1" in result.output and sorted(losses(config.parent / "run")) == [1, 2, 3]
@@ -175,7 +197,7 @@ def test_a_cancelled_job_saves_a_checkpoint_and_is_not_requeued(slurm_cluster, d
     SIGKILL after KillWait: the ranks save in between, and the script leaves requeueing to the scheduler."""
     config = _config(data_dir, tmp_path / "cancelled", **TWO_RANKS, **LONG)
     run_dir = config.parent / "run"
-    job = submit(slurm_cluster, "pretrain.sbatch", config, nodes=2)
+    job = submit(slurm_cluster, "pretrain", config, nodes=2)
     job.wait_until(lambda j: _logged_step(run_dir, 3), JOB_TIMEOUT_S, "at step 3")
     slurm_cluster.run(["scancel", job.id])
     result = job.wait(JOB_TIMEOUT_S)
@@ -191,7 +213,7 @@ def test_a_signal_for_the_batch_shell_reaches_the_ranks(slurm_cluster, data_dir,
     """`--signal=B:USR1@120` signals only the batch shell (as `scancel --batch` does): it passes it on."""
     config = _config(data_dir, tmp_path / "batch signal", **TWO_RANKS, **LONG)
     run_dir = config.parent / "run"
-    job = submit(slurm_cluster, "pretrain.sbatch", config, nodes=2)
+    job = submit(slurm_cluster, "pretrain", config, nodes=2)
     job.wait_until(lambda j: _logged_step(run_dir, 3), JOB_TIMEOUT_S, "at step 3")
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job.id])
     job.wait_until(lambda j: int(j.info().get("Restarts", 0)) >= 1, 120, "requeued")
