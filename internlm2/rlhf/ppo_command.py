@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from internlm2.train.pretrain_command import add_arguments  # the same options: --config, --set
+from internlm2.train.stage_run import add_arguments, run_stage
 
 __all__ = ["add_arguments", "run"]
 
@@ -20,18 +20,5 @@ def run(args: argparse.Namespace) -> int:
     from internlm2.config import load_config
     from internlm2.rlhf.ppo import PPOTrainer, export
     from internlm2.rlhf.ppo_config import PPOConfig
-    from internlm2.train.preemption import StoppedEarly
 
-    cfg = load_config(PPOConfig, args.config, args.set)
-    trainer = PPOTrainer(cfg)
-    try:
-        trainer.run()
-    except StoppedEarly as stop:
-        trainer.runtime.close()
-        if trainer.rank == 0:
-            print(f"internlm2 ppo: {stop}", flush=True)
-        return 0
-    trainer.runtime.close()
-    if trainer.rank == 0:
-        export(trainer)
-    return 0
+    return run_stage(PPOTrainer(load_config(PPOConfig, args.config, args.set)), "ppo", export)
