@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("internlm2.data.prepare_data_cli", "tokenize a corpus (text, JSONL, chat) into token shards"),
     "train-rm": ("internlm2.rlhf.train_rm_command", "train a (conditional) reward model on preference pairs (YAML, resumes)"),
     "score": ("internlm2.rlhf.score_command", "score conversations with a reward model (batched, one JSON line each)"),
+    "ppo": ("internlm2.rlhf.ppo_command", "online PPO with a conditional reward model and fast-path rounds"),
     "eval": ("internlm2.eval", "long-context evaluations of an HF checkpoint: needle, passkey, perplexity by position"),
 }
 

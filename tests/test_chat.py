@@ -111,7 +111,7 @@ class ScriptedModel:
 
     def generate(self, model, prompts, params, generator=None, on_token=None):
         self.calls.append(len(prompts))
-        out = GenerationResult([], [])
+        out = GenerationResult([], [], [])
         for j, prompt in enumerate(prompts):
             key = next(k for k in self.script if k in self.tokenizer.decode(prompt))
             text, stop = self.script[key].pop(0)

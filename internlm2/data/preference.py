@@ -67,10 +67,15 @@ class _JsonlRecords(Dataset):
         """The file and line of good record `i`, for messages."""
         return str(self._where[i])
 
-    def record(self, i: int):
+    def raw(self, i: int):
+        """Good record `i` as its JSON value (with any fields beyond the ones parsed, e.g. a PPO checker's
+        reference answer)."""
         with open(self.path, "rb") as f:
             f.seek(self._offsets[i])
-            return self.parse(json.loads(f.readline()), self._where[i])
+            return json.loads(f.readline())
+
+    def record(self, i: int):
+        return self.parse(self.raw(i), self._where[i])
 
 
 class PreferenceDataset(_JsonlRecords):

@@ -48,13 +48,29 @@ class SamplingParams:
 class GenerationResult:
     tokens: list[list[int]]  # the new tokens of each prompt, in prompt order
     finish_reasons: list[str]  # "stop" (a stop token was generated) or "length" (max_new_tokens reached)
+    # log-probability of each new token under the distribution it was drawn from (`sampling_logits`:
+    # after temperature, top-k and top-p; greedy: the model's own distribution), float32 values
+    logprobs: list[list[float]]
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids [N] from logits [N, V] (HF's order: temperature, then top-k, then top-p)."""
+    return _draw(sampling_logits(logits, params), params, generator)
+
+
+def _draw(filtered: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+        return filtered.argmax(dim=-1)
+    return torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def sampling_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """float32 logits [N, V] of the distribution `sample_next` draws from: divided by the temperature,
+    -inf outside top-k and top-p. Greedy (temperature 0): the logits as they are."""
+    logits = logits.float()
+    if params.temperature == 0:
+        return logits
+    logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -64,7 +80,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         # Drop a token when the tokens ranked above it already reach top_p (the first one always stays).
         drop = probs.cumsum(dim=-1) - probs >= params.top_p
         logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return logits
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
@@ -108,14 +124,18 @@ def generate(model: InternLM2ForCausalLM, prompts: Sequence[Sequence[int]], para
     hidden = hidden.index_select(0, cu_seqlens[1:].long() - 1)  # each prompt's last position
 
     tokens: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
     reasons = ["length"] * len(prompts)
     rows = torch.arange(len(prompts), device=device)  # cache row -> prompt index
     live = torch.ones(len(prompts), dtype=torch.bool, device=device)  # per cache row
     for step in range(params.max_new_tokens):
-        next_ids = sample_next(model.output(hidden), params, generator)
+        filtered = sampling_logits(model.output(hidden), params)
+        next_ids = _draw(filtered, params, generator)
+        drawn = filtered.log_softmax(dim=-1).gather(1, next_ids[:, None]).squeeze(1)
         finished = torch.isin(next_ids, stop_ids) & live
-        for prompt, token in zip(rows[live].tolist(), next_ids[live].tolist()):
+        for prompt, token, logprob in zip(rows[live].tolist(), next_ids[live].tolist(), drawn[live].tolist()):
             tokens[prompt].append(token)
+            logprobs[prompt].append(logprob)
             if on_token is not None:
                 on_token(prompt, token)
         for prompt in rows[finished].tolist():
@@ -128,4 +148,4 @@ def generate(model: InternLM2ForCausalLM, prompts: Sequence[Sequence[int]], para
             cache.keep(keep)
             rows, next_ids, live = rows[keep], next_ids[keep], live[keep]
         hidden = model(next_ids, kv_cache=cache, return_logits=False).hidden_states
-    return GenerationResult(tokens, reasons)
+    return GenerationResult(tokens, reasons, logprobs)

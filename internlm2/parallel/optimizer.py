@@ -320,6 +320,11 @@ class DistributedOptimizer:
         comm.all_gather_flat(full, shard.contiguous(), self.parallel.zero_group)
         return full
 
+    def state_bytes(self) -> int:
+        """Bytes this rank holds besides the parameters: the gradient buckets, float32 masters and moments."""
+        return sum(t.numel() * t.element_size() for b in self.buckets for t in (b.grad, b.master, b.exp_avg,
+                                                                                  b.exp_avg_sq))
+
     def remove_hooks(self) -> None:
         """Detaches the optimizer from its parameters (their gradients go back to `.grad`)."""
         for h in self._hooks:
