@@ -400,7 +400,7 @@ def note(out: Path, args, commands: list[str], rms: dict, speed: dict) -> Path:
         f"Our KV-cache sampler against transformers' `generate` (LlamaForCausalLM, eager attention, the same "
         f"weights in the Llama layout), {speed['prompts']} prompts x {speed['new_tokens']} sampled tokens, "
         f"median of {speed['repeats']}, alternating:", "",
-        f"| | tokens/s |", "|---|---|",
+        "| | tokens/s |", "|---|---|",
         f"| ours | {speed['ours']:.0f} |", f"| transformers | {speed['transformers']:.0f} |",
         f"| ratio | {speed['ratio']:.2f}x |", "",
         "In the PPO runs, time per iteration (median): generation "

@@ -19,7 +19,6 @@ from internlm2.config import from_dict
 from internlm2.model import load_pretrained
 from internlm2.rlhf.rm_training import RMConfig, RMTask
 from internlm2.tasks.preferences import DOMAINS, make_preferences
-from internlm2.train import checkpoint as ckpt
 from internlm2.train.trainer import Trainer
 from tests.train.test_run_cli import metric
 from tests.train.test_trainer import _kill_when
