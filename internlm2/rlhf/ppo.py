@@ -51,12 +51,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from internlm2.config import save_yaml
 from internlm2.constants import DTYPES
 from internlm2.data import PromptDataset, Tokenizer
 from internlm2.data.chat import Message
 from internlm2.data.sampler import sample_indices
-from internlm2.errors import CheckpointError
 from internlm2.model import InternLM2ForCausalLM, InternLM2ForScore, load_into
 from internlm2.model.generation import SamplingParams
 from internlm2.model.heads import BackboneOutput
@@ -70,7 +68,7 @@ from internlm2.rlhf.reward_update import accuracy, train_reward_model
 from internlm2.rlhf.rollout import Rollout, collate_rollouts, packed, sample_responses, sequence_rows, stop_tokens
 from internlm2.rlhf.scorer import Scorer
 from internlm2.train import checkpoint as ckpt
-from internlm2.train.checkpoint_dir import CheckpointDirectory, check_writable
+from internlm2.train.checkpoint_dir import CheckpointDirectory, ready_run_directory
 from internlm2.train.config import StageConfig
 from internlm2.train.data_setup import micro_batches, stage_dataset, to_device
 from internlm2.train.engine import Engine, checkpoint_bytes
@@ -165,16 +163,7 @@ class PPOTrainer:
         cfg = self.cfg
         self.checkpoints.remove_incomplete()
         resumed = self._resume()
-        problem = None
-        if self.rank == 0:
-            try:
-                check_writable(self.run_dir, sum(checkpoint_bytes(e) for e in self.engines.values()))
-                save_yaml(cfg, self.run_dir / "config.yaml")
-            except (CheckpointError, OSError) as err:
-                problem = str(err)
-        problem = self.runtime.from_rank0(problem)
-        if problem is not None:
-            raise CheckpointError(problem)
+        ready_run_directory(self.run_dir, cfg, sum(checkpoint_bytes(e) for e in self.engines.values()), self.rank, self.runtime.from_rank0)
         self._truncate_round_logs()
         if self.rank == 0:
             if resumed:

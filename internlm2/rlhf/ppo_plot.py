@@ -4,10 +4,9 @@ vertical lines."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from internlm2.train.plot import series
+from internlm2.train.plot import save_figure, series
 
 PANELS = (
     ("reward", (("rm_score", "reward-model score"), ("true_reward", "true reward (checker)"))),
@@ -43,9 +42,6 @@ def draw_ppo(records: list[dict], out: Path, title: str, rounds_every: int | Non
                     ax.axvline(boundary, color="grey", linestyle=":", linewidth=1)
         axes[0].set_title(title)
         axes[-1].set_xlabel("iteration")
-        fig.tight_layout()
-        tmp = out.with_name(f".{out.name}.tmp")
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
+        save_figure(fig, out, dpi=100)
     finally:
         plt.close(fig)

@@ -104,6 +104,25 @@ def check_writable(directory: str | Path, needed_bytes: int) -> None:
         )
 
 
+def ready_run_directory(run_dir: Path, config, needed_bytes: int, rank: int,
+                        from_rank0: Callable[[object], object]) -> None:
+    """Before training: rank 0 checks that `run_dir` is writable with room for one checkpoint and saves the
+    resolved config there; every rank gets its verdict (`from_rank0`), so all stop at once with the reason
+    instead of waiting for a collective's timeout."""
+    from internlm2.config import save_yaml
+
+    problem = None
+    if rank == 0:
+        try:
+            check_writable(run_dir, needed_bytes)
+            save_yaml(config, run_dir / "config.yaml")
+        except (CheckpointError, OSError) as err:
+            problem = str(err)
+    problem = from_rank0(problem)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
 def _fsync_tree(path: Path) -> None:
     for dirpath, _, files in os.walk(path):
         for name in files:

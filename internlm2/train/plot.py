@@ -84,12 +84,17 @@ def draw(records: list[dict], out: Path, title: str) -> None:
                              xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
         for ax in (loss_ax, lr_ax, speed_ax):
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        tmp = out.with_name(f".{out.name}.tmp")
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out)
+        save_figure(fig, out, dpi=110)
     finally:
         plt.close(fig)
+
+
+def save_figure(fig, out: Path, dpi: int) -> None:
+    """The figure as a PNG at `out`, replaced atomically (a reader never sees half a file)."""
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=dpi)
+    os.replace(tmp, out)
 
 
 def run(args: argparse.Namespace) -> int:

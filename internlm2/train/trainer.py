@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch
 
-from internlm2.config import save_yaml
 from internlm2.constants import DTYPES, IGNORE_INDEX
 from internlm2.data import Tokenizer, collate_packed
 from internlm2.errors import CheckpointError, UserError
 from internlm2.model import InternLM2ForCausalLM, load_into
 from internlm2.model.heads import BackboneOutput
 from internlm2.train import checkpoint as ckpt
-from internlm2.train.checkpoint_dir import CheckpointDirectory, check_writable
+from internlm2.train.checkpoint_dir import CheckpointDirectory, ready_run_directory
 from internlm2.train.config import StageConfig, TrainConfig
 from internlm2.train.data_setup import (DataPaths, eval_batches, micro_batches, pad_for_layout, resolve_data,
                                         stage_dataset, to_device)
@@ -151,16 +150,7 @@ class Trainer:
         cfg = self.cfg
         self.checkpoints.remove_incomplete()
         resumed = self._resume()
-        problem = None
-        if self.rank == 0:
-            try:
-                check_writable(self.run_dir, checkpoint_bytes(self.engine))
-                save_yaml(cfg, self.run_dir / "config.yaml")
-            except (CheckpointError, OSError) as err:
-                problem = str(err)
-        problem = self.runtime.from_rank0(problem)  # every rank stops at once, none waits for a timeout
-        if problem is not None:
-            raise CheckpointError(problem)
+        ready_run_directory(self.run_dir, cfg, checkpoint_bytes(self.engine), self.rank, self.runtime.from_rank0)
         self.peak = device_peak(self.device, dtype=DTYPES[cfg.dtype])
         logger = MetricsLogger(self.run_dir, rank=self.rank, total_steps=cfg.total_steps, start_step=self.state.step,
                                tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)

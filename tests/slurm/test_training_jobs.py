@@ -1,12 +1,10 @@
 """`scripts/slurm/train.sbatch` through a real slurm (sbatch -> srun -> torchrun -> gloo) on a local
-2-node cluster: a 2-node pretraining job and a 2-node SFT job train like one process; a job near its time
-limit saves, requeues itself and resumes bit for bit; a node whose process dies ends the job with the cause
-in its output; the script's checks stop a bad allocation before anything starts.
-
-Another training command gets its test the same way: `submit(cluster, "train-rm", config, nodes=2)`, then
-`job.wait(...)` and its own check of the run directory.
+2-node cluster: 2-node pretraining, SFT, reward-model and PPO jobs train like one process; a job near its
+time limit saves, requeues itself and resumes bit for bit; a node whose process dies ends the job with the
+cause in its output; the script's checks stop a bad allocation before anything starts.
 """
 
+import json
 import os
 import re
 import signal
@@ -17,6 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.slurm.cluster import Job, LocalSlurmCluster
+from internlm2.tasks.preferences import DOMAINS, make_preferences
+from tests.rlhf.ppo_world import make_world, ppo_config, run_ppo
+from tests.rlhf.ppo_world import metrics as ppo_metrics
+from tests.rlhf.test_train_rm import cli as rm_cli
+from tests.rlhf.test_train_rm import rm_config
+from tests.train.test_run_cli import metric
 from tests.train.test_sft import sft_cli, sft_config
 from tests.train.tiny_run import ROOT, losses, make_data, run_pretrain, tiny_config, write_config
 
@@ -64,25 +68,77 @@ def test_two_node_job_trains_like_one_process(slurm_cluster, data_dir, tmp_path)
         assert abs(got[step] - expected[step]) <= 1e-5, (step, got[step], expected[step])
 
 
-def test_two_node_sft_job_trains_like_one_process(slurm_cluster, data_dir, tmp_path):
-    pretrained = tmp_path / "pretrained" / "run"
-    run_pretrain(_config(data_dir, pretrained.parent, **{"stages.0.steps": 2, "stages.1.steps": 1,
-                                                         "checkpoint.export_hf": True}))
+@pytest.fixture(scope="module")
+def pretrained(data_dir, tmp_path_factory):
+    """A tiny pretrained model (HF export) that the SFT and reward-model jobs start from."""
+    directory = tmp_path_factory.mktemp("pretrained") / "pretrain"
+    run_pretrain(_config(data_dir, directory, **{"stages.0.steps": 2, "stages.1.steps": 1, "checkpoint.export_hf": True}))
+    return directory / "run" / "hf"
+
+
+def _two_node_job_and_one_process(cluster, command: str, config_of, run_one_process, tmp_path) -> tuple[Path, Path]:
+    """`command` as a 2-node job (dp=2) and, meanwhile, the same config on one process; the two run dirs."""
     configs = {}
     for name, layout in (("two nodes", TWO_RANKS), ("single", {})):
         (tmp_path / name).mkdir()
-        cfg = sft_config(data_dir, tmp_path / name / "run", pretrained / "hf", **{"stages.0.steps": 4, "eval.rows": 4},
-                         **layout)
-        configs[name] = write_config(cfg, tmp_path / name / "config.yaml")
-    job = submit(slurm_cluster, "sft", configs["two nodes"], nodes=2)
-    assert sft_cli(configs["single"]).returncode == 0  # meanwhile, on one process
+        configs[name] = write_config(config_of(tmp_path / name / "run", layout), tmp_path / name / "config.yaml")
+    job = submit(cluster, command, configs["two nodes"], nodes=2)
+    run_one_process(configs["single"])
     result = job.wait(JOB_TIMEOUT_S)
     assert result.state == "COMPLETED", result.output[-5000:]
-    assert "==== internlm2 sft: launch environment ====" in result.output
-    expected, got = losses(tmp_path / "single" / "run"), losses(tmp_path / "two nodes" / "run")
-    assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
-    for step in expected:
+    assert f"==== internlm2 {command}: launch environment ====" in result.output
+    return tmp_path / "two nodes" / "run", tmp_path / "single" / "run"
+
+
+def _close(got: dict, expected: dict, steps: list[int]) -> None:
+    assert sorted(got) == sorted(expected) == steps, (got, expected)
+    for step in expected:  # the bound of the layout tests
         assert abs(got[step] - expected[step]) <= 1e-5, (step, got[step], expected[step])
+
+
+def test_two_node_sft_job_trains_like_one_process(slurm_cluster, data_dir, pretrained, tmp_path):
+    def config(run_dir, layout):
+        return sft_config(data_dir, run_dir, pretrained, **{"stages.0.steps": 4, "eval.rows": 4}, **layout)
+
+    def one_process(path):
+        assert sft_cli(path).returncode == 0
+
+    two, one = _two_node_job_and_one_process(slurm_cluster, "sft", config, one_process, tmp_path)
+    _close(losses(two), losses(one), [1, 2, 3, 4])
+
+
+def test_two_node_reward_model_job_trains_like_one_process(slurm_cluster, pretrained, tmp_path):
+    pairs = {}
+    for split, n in (("train", 4), ("eval", 2)):
+        by_domain = make_preferences(split, n, ("reverse_list", "sort_list"))
+        pairs[split] = tmp_path / f"{split}.jsonl"
+        pairs[split].write_text("".join(json.dumps(r) + "\n" for d in DOMAINS for r in by_domain[d]))
+
+    def config(run_dir, layout):
+        return rm_config(run_dir, pretrained, pairs, **{"stages.0.steps": 3}, **layout)
+
+    def one_process(path):
+        result = rm_cli("train-rm", "--config", path)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    two, one = _two_node_job_and_one_process(slurm_cluster, "train-rm", config, one_process, tmp_path)
+    for key in ("loss", "accuracy", "eval_loss"):
+        _close(metric(two, key), metric(one, key), [1, 2, 3] if key != "eval_loss" else [3])
+
+
+def test_two_node_ppo_job_trains_like_one_process(slurm_cluster, tmp_path):
+    world = make_world(tmp_path / "world")
+
+    def config(run_dir, layout):
+        return ppo_config(world, run_dir, **{"ppo.iterations": 2}, **layout)  # a critic warm-up, then both
+
+    two, one = _two_node_job_and_one_process(slurm_cluster, "ppo", config, run_ppo, tmp_path)
+    got, expected = ppo_metrics(two), ppo_metrics(one)
+    assert sorted(got) == sorted(expected) == [1, 2]
+    assert "policy_loss" not in expected[1] and "policy_loss" in expected[2]
+    for step in expected:  # the bound of PPO's own layout tests (sampling, then two trained models)
+        for key in ("rm_score", "kl", "value_loss", "policy_loss"):
+            assert got[step].get(key) == pytest.approx(expected[step].get(key), rel=1e-4, abs=1e-5), (step, key)
 
 
 # Long enough to outlast the wait for slurm's time-limit check (every 30 s) after the test shortens the
