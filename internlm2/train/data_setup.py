@@ -6,6 +6,7 @@ of any step from the count saved in the checkpoint, so resuming needs no data-lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from internlm2.data.builtin_corpus import stdlib_root
 from internlm2.data.packing import pad_pieces
 from internlm2.parallel import ParallelState
 from internlm2.data.prepare import PrepareOptions, prepare
+from internlm2.errors import ConfigError
 from internlm2.train.config import BuiltinData, DataConfig, DataSource, StageConfig
 
 
@@ -108,6 +110,14 @@ def eval_batches(dataset: Dataset, micro_batch_size: int, rows: int, dp_rank: in
     starts = list(range(0, rows, micro_batch_size))[dp_rank::dp_size]
     return [collate([dataset[i] for i in range(start, min(start + micro_batch_size, rows))])
             for start in starts]
+
+
+def check_eval_rows(available: int, rows: int, stage, dp_size: int, where) -> None:
+    """The held-out set must give every DP rank at least one micro-batch (`eval_batches` deals them out)."""
+    micro_batches = math.ceil(min(rows, available) / stage.micro_batch_size)
+    if micro_batches < dp_size:
+        raise ConfigError(f"{where}: the held-out set has {available} rows of stage {stage.name} (eval.rows={rows}), "
+                          f"{micro_batches} micro-batches: too few to give each of dp={dp_size} ranks one")
 
 
 def pad_for_layout(batch: dict, parallel: ParallelState, pad_id: int, fills: dict | None = None) -> dict:

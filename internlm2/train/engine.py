@@ -17,7 +17,7 @@ micro-batch holds, its loss, its metrics. The engine does the rest, the same way
 Metrics come back as one dict per call, reduced over every rank with one rule: the loss and each metric
 sum are summed over the last pipeline stage's DP and CP ranks (TP ranks hold copies) and divided by the
 normalizer; a `Ratio(total, count)` metric is divided by its own summed count instead (accuracy per
-condition, say). The reported loss is the sum of the very values that were differentiated, so the logged
+condition, say), and left out of a call whose count is 0 (no NaN in the logs). The reported loss is the sum of the very values that were differentiated, so the logged
 training loss and the evaluation loss are the same formula. A `loss_fn` must return the same metric
 names on every call and every rank.
 """
@@ -239,7 +239,8 @@ class Engine:
         out.update({name: float(values[1 + i]) * scale for i, name in enumerate(names)})
         for i, name in enumerate(ratios):
             count = float(values[width + i])
-            out[name] = float(values[1 + len(names) + i]) / count if count else float("nan")
+            if count:
+                out[name] = float(values[1 + len(names) + i]) / count
         return out
 
 

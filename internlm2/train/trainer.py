@@ -34,7 +34,7 @@ from internlm2.model.heads import BackboneOutput
 from internlm2.train import checkpoint as ckpt
 from internlm2.train.checkpoint_dir import CheckpointDirectory, ready_run_directory
 from internlm2.train.config import StageConfig, TrainConfig
-from internlm2.train.data_setup import (DataPaths, eval_batches, micro_batches, pad_for_layout, resolve_data,
+from internlm2.train.data_setup import (DataPaths, check_eval_rows, eval_batches, micro_batches, pad_for_layout, resolve_data,
                                         stage_dataset, to_device)
 from internlm2.train.engine import Engine, StepOutcome, checkpoint_bytes, init_weights
 from internlm2.train.flops import DecoderShape, document_lengths, training_flops
@@ -178,6 +178,8 @@ class Trainer:
         schedule = self._schedule(stage)
         eval_set = (self.task.stage_dataset([self.data.eval], self.tokenizer, stage.seq_len)
                     if self.data.eval is not None and cfg.eval.every else None)
+        if eval_set is not None:  # the rows the preflight counted may pack into fewer (reward-model pairs)
+            check_eval_rows(len(eval_set), cfg.eval.rows, stage, p.dp_size, self.data.eval.path)
         while state.stage_step < stage.steps:
             lr = schedule(state.stage_step)
             self.engine.set_lr(lr)

@@ -214,6 +214,18 @@ def test_bad_pairs_are_counted_with_on_error_skip(pretrained, pairs, tmp_path):
     assert sorted(losses(tmp_path / "run")) == [1]
 
 
+def test_a_held_out_set_too_small_for_the_dp_ranks_stops_before_training(pretrained, pairs, tmp_path):
+    one_pair = _write([json.loads(pairs["eval"].read_text().splitlines()[0])], tmp_path / "eval.jsonl")
+    cfg = rm_config(tmp_path / "run", pretrained / "hf", {**pairs, "eval": one_pair}, parallel={"dp": 2})
+    result = cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"), nproc=2)
+    assert result.returncode != 0
+    message = (f"internlm2 train-rm: error: {one_pair}: the held-out set has 1 rows of stage rm (eval.rows=100), "
+               "1 micro-batches: too few to give each of dp=2 ranks one")
+    assert message in result.stderr, result.stderr[-3000:]
+    assert "internlm2/train/" not in result.stderr  # each rank's one line, no traceback of ours (torchrun has its own)
+    assert metric(tmp_path / "run", "loss") == {}  # before the first step
+
+
 @pytest.mark.parametrize("change,message", [
     ({"rm.reward_token": "[UNUSED_TOKEN_130]"}, "the tokenizer has no piece '\\[UNUSED_TOKEN_130\\]' for the reward token"),
     ({"rm.reward_token": 5000}, "reward token id 5000 is outside the vocabulary"),
