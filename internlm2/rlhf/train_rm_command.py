@@ -11,9 +11,8 @@ so that `internlm2 score --model RUN/hf --condition NAME` scores as training did
 from __future__ import annotations
 
 import argparse
-import os
 
-from internlm2.train.stage_run import add_arguments, export_and_plot, run_stage
+from internlm2.train.stage_run import add_arguments, export_and_plot, rank0_printer, run_stage
 
 __all__ = ["add_arguments", "run"]
 
@@ -33,7 +32,7 @@ def finish(trainer) -> None:
     if held_out:
         last = held_out[-1]
         by_condition = ", ".join(f"{k.removeprefix('eval_accuracy/')} {v:.1%}" for k, v in sorted(last.items())
-                                 if k.startswith("eval_accuracy/") and v == v)  # v == v: no NaN (no such pairs)
+                                 if k.startswith("eval_accuracy/"))
         print(f"held-out pairs at step {last['step']}: accuracy {last['eval_accuracy']:.1%} ({by_condition}), "
               f"margin {last['eval_margin']:.3f}, loss {last['eval_loss']:.4f}")
 
@@ -44,6 +43,5 @@ def run(args: argparse.Namespace) -> int:
     from internlm2.train.trainer import Trainer
 
     cfg = load_config(RMConfig, args.config, args.set)
-    first_rank = int(os.environ.get("RANK", "0")) == 0
-    trainer = Trainer(cfg, RMTask(cfg, report=(lambda line: print(line, flush=True)) if first_rank else None))
+    trainer = Trainer(cfg, RMTask(cfg, report=rank0_printer()))
     return run_stage(trainer, "train-rm", finish)

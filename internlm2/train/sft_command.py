@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from internlm2.train.stage_run import add_arguments, export_and_plot, run_stage
+from internlm2.train.stage_run import add_arguments, export_and_plot, rank0_printer, run_stage
 
 __all__ = ["add_arguments", "run"]
 
@@ -75,6 +74,5 @@ def run(args: argparse.Namespace) -> int:
     from internlm2.train.trainer import Trainer
 
     cfg = load_config(SFTConfig, args.config, args.set)
-    first_rank = int(os.environ.get("RANK", "0")) == 0
-    trainer = Trainer(cfg, SFTTask(cfg.sft, report=(lambda line: print(line, flush=True)) if first_rank else None))
+    trainer = Trainer(cfg, SFTTask(cfg.sft, report=rank0_printer()))
     return run_stage(trainer, "sft", finish)

@@ -5,6 +5,7 @@ is gone (the final checkpoint exported to HF, the curves drawn), before the comm
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="the run's YAML config (e.g. configs/tiny.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by its dotted key, e.g. --set optim.lr=1e-4 (repeatable)")
+
+
+def rank0_printer() -> Callable[[str], None] | None:
+    """What a task reports about its data (packing, skipped records), printed by the first rank only; set
+    before the process group exists, so it reads the launcher's RANK."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return lambda line: print(line, flush=True)
 
 
 def run_stage(trainer, command: str, finish: Callable) -> int:

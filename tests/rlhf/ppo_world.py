@@ -5,9 +5,7 @@ configs for `internlm2 ppo` on one process or under torchrun."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +14,7 @@ from internlm2.data import Tokenizer, train_tokenizer
 from internlm2.data.prepare import PrepareOptions, prepare
 from internlm2.model import InternLM2ForCausalLM, InternLM2ForScore, preset_config, save_pretrained
 from internlm2.rlhf.scorer import CONDITIONS_FILE
-from tests.train.tiny_run import with_overrides
+from tests.train.tiny_run import CLI_ENV, cli_command, with_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 CONDITIONS = {"brief": "Answer in as few words as you can.", "detailed": "Explain your answer step by step."}
@@ -84,15 +82,11 @@ def ppo_config(world: Path, run_dir: Path, **overrides) -> dict:
 
 
 def ppo_command(config: Path, nproc: int = 1) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "internlm2.cli", "ppo", "--config", str(config)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "internlm2.cli", "ppo", "--config", str(config)]
+    return cli_command("ppo", "--config", config, nproc=nproc)
 
 
 def run_ppo(config: Path, nproc: int = 1, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", INTERNLM2_PG_TIMEOUT_S="120", PYTHONPATH=str(ROOT))
-    result = subprocess.run(ppo_command(config, nproc), cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run(ppo_command(config, nproc), cwd=ROOT, env={**CLI_ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                             timeout=timeout)
     if check:
         assert result.returncode == 0, f"ppo failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

@@ -7,7 +7,6 @@ and line (or is counted with on_error: skip)."""
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -22,9 +21,9 @@ from internlm2.tasks.preferences import DOMAINS, make_preferences
 from internlm2.train.trainer import Trainer
 from tests.train.test_run_cli import metric
 from tests.train.test_trainer import _kill_when
-from tests.train.tiny_run import ROOT, losses, make_data, run_pretrain, tiny_config, with_overrides, write_config
+from tests.train.tiny_run import (CLI_ENV, ROOT, losses, make_data, run_cli, run_pretrain, tiny_config, with_overrides,
+                                  write_config)
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", INTERNLM2_PG_TIMEOUT_S="120")
 CONDITIONS = {d: f"Judge the answers as the {d} domain does." for d in DOMAINS}
 TASKS = ("reverse_list", "sort_list")
 
@@ -70,17 +69,11 @@ def rm_config(run_dir, init_from, pairs, **overrides) -> dict:
     return with_overrides(cfg, overrides)
 
 
-def cli(*args, nproc=1, timeout=600):
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.run([sys.executable, *launcher, "-m", "internlm2.cli", *map(str, args)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def single_run(pretrained, pairs, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single") / "run"
     cfg = rm_config(run_dir, pretrained / "hf", pairs, **{"checkpoint.export_hf": True})
-    result = cli("train-rm", "--config", write_config(cfg, run_dir.parent / "c.yaml"))
+    result = run_cli("train-rm", "--config", write_config(cfg, run_dir.parent / "c.yaml"))
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir, result
 
@@ -104,7 +97,7 @@ def test_train_rm_exports_a_reward_model_that_scores_as_training_did(single_run,
     assert hf["architectures"] == ["InternLM2ForRewardModel"] and hf["reward_token_id"] == 0  # <unk>
     assert json.loads((run_dir / "hf" / "conditions.json").read_text()) == CONDITIONS
 
-    scored = cli("score", "--model", run_dir / "hf", "--input",
+    scored = run_cli("score", "--model", run_dir / "hf", "--input",
                  _held_out_conversations(pairs["eval"], tmp_path / "held_out.jsonl"))
     assert scored.returncode == 0, scored.stderr[-3000:]
     scores = torch.tensor([json.loads(line)["score"] for line in scored.stdout.splitlines()], dtype=torch.float64)
@@ -131,7 +124,7 @@ def test_a_reward_model_learns_a_domain(pretrained, pairs, tmp_path):
     train.write_text("\n".join(concise) + "\n")
     cfg = rm_config(tmp_path / "run", pretrained / "hf", {**pairs, "train": train},
                     **{"stages.0.steps": 12, "optim.lr": 3.0e-3, "eval.every": 0, "checkpoint.every": 12})
-    result = cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"))
+    result = run_cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     ranking = metric(tmp_path / "run", "ranking_loss")
     assert abs(ranking[1] - math.log(2)) < 0.05 and (ranking[11] + ranking[12]) / 2 < 0.3, ranking
@@ -161,9 +154,9 @@ def test_sigkill_then_resume_is_bitwise_identical(single_run, pretrained, pairs,
     interrupted = tmp_path / "interrupted"
     config = write_config(rm_config(interrupted, pretrained / "hf", pairs), tmp_path / "i.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "internlm2.cli", "train-rm", "--config", str(config)], cwd=ROOT,
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _kill_when(proc, interrupted, 3)
-    resumed = cli("train-rm", "--config", config)
+    resumed = run_cli("train-rm", "--config", config)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
     assert losses(interrupted) == losses(reference)
     assert metric(interrupted, "eval_accuracy") == metric(reference, "eval_accuracy")
@@ -174,7 +167,7 @@ def test_sigkill_then_resume_is_bitwise_identical(single_run, pretrained, pairs,
 def test_two_rank_runs_match_one_process(single_run, pretrained, pairs, tmp_path, layout):
     reference, _ = single_run
     cfg = rm_config(tmp_path / "run", pretrained / "hf", pairs, parallel=layout)
-    result = cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"), nproc=2)
+    result = run_cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"), nproc=2)
     assert result.returncode == 0, result.stderr[-4000:]
     for key in ("loss", "accuracy", "eval_loss", "eval_accuracy/concise", "eval_chosen_score"):
         expected, got = metric(reference, key), metric(tmp_path / "run", key)
@@ -197,7 +190,7 @@ def _bad_pairs(path, kind):
 def test_bad_pairs_stop_before_training_naming_file_and_line(pretrained, pairs, tmp_path, kind, message):
     train = _bad_pairs(tmp_path / "train.jsonl", kind)
     cfg = rm_config(tmp_path / "run", pretrained / "hf", {**pairs, "train": train})
-    result = cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"))
+    result = run_cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"))
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(result.stderr.strip().splitlines()) == 1 and re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -207,7 +200,7 @@ def test_bad_pairs_are_counted_with_on_error_skip(pretrained, pairs, tmp_path):
     train = _bad_pairs(tmp_path / "train.jsonl", "identical")
     cfg = rm_config(tmp_path / "run", pretrained / "hf", {**pairs, "train": train},
                     **{"rm.on_error": "skip", "stages.0.steps": 1, "eval.every": 0})
-    result = cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"))
+    result = run_cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train.jsonl: 3 pairs" in result.stdout and "1 skipped" in result.stdout
     assert re.search(r"skipped 1 \(identical\), first: \S+train\.jsonl:3: chosen and rejected", result.stdout)
@@ -217,7 +210,7 @@ def test_bad_pairs_are_counted_with_on_error_skip(pretrained, pairs, tmp_path):
 def test_a_held_out_set_too_small_for_the_dp_ranks_stops_before_training(pretrained, pairs, tmp_path):
     one_pair = _write([json.loads(pairs["eval"].read_text().splitlines()[0])], tmp_path / "eval.jsonl")
     cfg = rm_config(tmp_path / "run", pretrained / "hf", {**pairs, "eval": one_pair}, parallel={"dp": 2})
-    result = cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"), nproc=2)
+    result = run_cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"), nproc=2)
     assert result.returncode != 0
     message = (f"internlm2 train-rm: error: {one_pair}: the held-out set has 1 rows of stage rm (eval.rows=100), "
                "1 micro-batches: too few to give each of dp=2 ranks one")
@@ -234,7 +227,7 @@ def test_a_held_out_set_too_small_for_the_dp_ranks_stops_before_training(pretrai
 ])
 def test_bad_settings_are_one_line_errors(pretrained, pairs, tmp_path, change, message):
     cfg = rm_config(tmp_path / "run", pretrained / "hf", pairs, **change)
-    result = cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"))
+    result = run_cli("train-rm", "--config", write_config(cfg, tmp_path / "c.yaml"))
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(result.stderr.strip().splitlines()) == 1 and re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "run").exists()

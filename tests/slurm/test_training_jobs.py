@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.cluster import Job, LocalSlurmCluster
 from internlm2.tasks.preferences import DOMAINS, make_preferences
+from tests.slurm.cluster import Job, LocalSlurmCluster
 from tests.rlhf.ppo_world import make_world, ppo_config, run_ppo
 from tests.rlhf.ppo_world import metrics as ppo_metrics
-from tests.rlhf.test_train_rm import cli as rm_cli
 from tests.rlhf.test_train_rm import rm_config
 from tests.train.test_run_cli import metric
 from tests.train.test_sft import sft_cli, sft_config
-from tests.train.tiny_run import ROOT, losses, make_data, run_pretrain, tiny_config, write_config
+from tests.train.tiny_run import ROOT, losses, make_data, run_cli, run_pretrain, tiny_config, write_config
 
 SCRIPT = ROOT / "scripts" / "slurm" / "train.sbatch"
 # Every training job here: one CPU (gloo) process per node, the documented opt-in to a loopback rendezvous
@@ -118,7 +117,7 @@ def test_two_node_reward_model_job_trains_like_one_process(slurm_cluster, pretra
         return rm_config(run_dir, pretrained, pairs, **{"stages.0.steps": 3}, **layout)
 
     def one_process(path):
-        result = rm_cli("train-rm", "--config", path)
+        result = run_cli("train-rm", "--config", path)
         assert result.returncode == 0, result.stderr[-3000:]
 
     two, one = _two_node_job_and_one_process(slurm_cluster, "train-rm", config, one_process, tmp_path)

@@ -5,7 +5,6 @@ pretraining text it resumes after SIGKILL bit for bit, and runs from one process
 one line."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,9 +20,9 @@ from internlm2.train.sft import SFTConfig, SFTTask
 from internlm2.train.trainer import Trainer
 from tests.train.test_run_cli import metric
 from tests.train.test_trainer import _kill_when
-from tests.train.tiny_run import ROOT, losses, make_data, run_pretrain, tiny_config, with_overrides, write_config
+from tests.train.tiny_run import (CLI_ENV, ROOT, losses, make_data, run_cli, run_pretrain, tiny_config, with_overrides,
+                                  write_config)
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", INTERNLM2_PG_TIMEOUT_S="120")
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +55,7 @@ def sft_config(data_dir, run_dir, init_from, **overrides) -> dict:
 
 
 def sft_cli(config, timeout=600, nproc=1):
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.run([sys.executable, *launcher, "-m", "internlm2.cli", "sft", "--config", str(config)], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=timeout)
+    return run_cli("sft", "--config", config, nproc=nproc, timeout=timeout)
 
 
 def test_sft_cli_learns_reports_exports_and_scores(data_dir, pretrained, tmp_path):
@@ -102,7 +99,7 @@ def test_sft_sigkill_then_resume_is_bitwise_identical(data_dir, pretrained, tmp_
     interrupted = tmp_path / "interrupted"
     config = write_config(sft_config(data_dir, interrupted, pretrained / "hf"), tmp_path / "i.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "internlm2.cli", "sft", "--config", str(config)], cwd=ROOT,
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _kill_when(proc, interrupted, 6)
     resumed = sft_cli(config)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout

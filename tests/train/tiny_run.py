@@ -64,17 +64,27 @@ def write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
+# The environment of every CLI run in the tests: one thread per rank, and a dead rank fails the run soon.
+CLI_ENV = dict(os.environ, OMP_NUM_THREADS="1", INTERNLM2_PG_TIMEOUT_S="120")
+
+
+def cli_command(*args, nproc: int = 1) -> list[str]:
+    """`python -m internlm2.cli ARGS` on one process, or under torchrun with `nproc` ranks."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [sys.executable, *launcher, "-m", "internlm2.cli", *map(str, args)]
+
+
+def run_cli(*args, nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(*args, nproc=nproc), cwd=ROOT, env=CLI_ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def pretrain_command(config: Path, nproc: int = 1) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "internlm2.cli", "pretrain", "--config", str(config)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "internlm2.cli", "pretrain", "--config", str(config)]
+    return cli_command("pretrain", "--config", config, nproc=nproc)
 
 
 def run_pretrain(config: Path, nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", INTERNLM2_PG_TIMEOUT_S="120")
-    result = subprocess.run(pretrain_command(config, nproc), cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = run_cli("pretrain", "--config", config, nproc=nproc, timeout=timeout)
     assert result.returncode == 0, f"pretrain failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
